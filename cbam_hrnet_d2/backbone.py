@@ -1,0 +1,235 @@
+"""Detectron2 backbones: HRNet trunk + CBAM (``build_cbam_hrnet_backbone``) and that + FPN
+(``build_cbam_hrnet_fpn_backbone``). Both are registered in ``BACKBONE_REGISTRY``."""
+import logging
+from typing import Dict, Sequence
+
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from torch import nn
+
+from .cbam import CBAM
+from .hrnet import (
+    HRNET_FEATURES,
+    HRNET_NORMS,
+    HRNET_STAGES,
+    HRNET_STRIDES,
+    HRNET_WIDTHS,
+    build_hrnet_trunk,
+    freeze_hrnet_stages,
+    hrnet_branch_channels,
+)
+
+__all__ = ["CBAMHRNet", "CBAMFPN", "build_cbam_hrnet_backbone", "build_cbam_hrnet_fpn_backbone"]
+
+logger = logging.getLogger(__name__)
+
+CBAM_POSITIONS = ("branches", "fpn")
+
+
+class CBAMHRNet(Backbone):
+    """HRNet trunk whose four stage-4 branches (hr2..hr5, strides 4/8/16/32) each optionally pass
+    through a :class:`CBAM` block (Woo et al., ECCV 2018)."""
+
+    def __init__(
+        self,
+        width: int,
+        *,
+        in_channels: int = 3,
+        norm: str = "BN",
+        cbam_branches: Sequence[str] = HRNET_FEATURES,
+        cbam_reduction: int = 16,
+        cbam_kernel_size: int = 7,
+        freeze_at: int = 0,
+    ):
+        """
+        Args:
+            width (int): HRNet width, a key of :data:`HRNET_WIDTHS`.
+            in_channels (int): input image channels.
+            norm (str): trunk norm (see :func:`build_hrnet_trunk`).
+            cbam_branches (list[str]): branches that get a CBAM block (empty = none).
+            cbam_reduction (int): CBAM channel MLP reduction ratio.
+            cbam_kernel_size (int): CBAM spatial conv kernel size.
+            freeze_at (int): freeze the stem (1), + stage1 (2), ... (5 = whole trunk); 0 = nothing.
+        """
+        super().__init__()
+        self.trunk = build_hrnet_trunk(width, in_channels=in_channels, norm=norm)
+        channels = hrnet_branch_channels(width)
+        self._out_features = list(HRNET_FEATURES)
+        self._out_feature_channels = dict(zip(HRNET_FEATURES, channels))
+        self._out_feature_strides = dict(zip(HRNET_FEATURES, HRNET_STRIDES))
+        self.cbam = nn.ModuleDict(
+            {
+                name: CBAM(self._out_feature_channels[name], cbam_reduction, cbam_kernel_size)
+                for name in cbam_branches
+            }
+        )
+        self.freeze(freeze_at)
+
+    @property
+    def size_divisibility(self) -> int:
+        # The fuse layers upsample by fixed powers of two: inputs must be multiples of 32.
+        return HRNET_STRIDES[-1]
+
+    def freeze(self, freeze_at: int = 0) -> "CBAMHRNet":
+        """Freeze the first ``freeze_at`` trunk stages (see :data:`HRNET_STAGES`); frozen norms
+        become FrozenBatchNorm2d. Returns self."""
+        freeze_hrnet_stages(self.trunk, freeze_at)
+        return self
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            x (Tensor): (N, C, H, W) with H, W multiples of :attr:`size_divisibility`.
+
+        Returns:
+            dict[str->Tensor]: hr2..hr5, each (N, C_i, H / s_i, W / s_i).
+        """
+        assert x.dim() == 4, f"CBAMHRNet takes an input of shape (N, C, H, W). Got {x.shape} instead!"
+        outputs = {}
+        for name, feature in zip(HRNET_FEATURES, self.trunk(x)):
+            if name in self.cbam:
+                feature = self.cbam[name](feature)
+            outputs[name] = feature
+        return outputs
+
+
+class CBAMFPN(FPN):
+    """Detectron2's :class:`FPN` with one :class:`CBAM` block on each output (p2..p6)."""
+
+    def __init__(self, *, cbam_reduction: int = 16, cbam_kernel_size: int = 7, **fpn_kwargs):
+        """
+        Args:
+            cbam_reduction, cbam_kernel_size: as in :class:`CBAM`.
+            fpn_kwargs: arguments of :class:`FPN`.
+        """
+        super().__init__(**fpn_kwargs)
+        self.cbam = nn.ModuleDict(
+            {
+                name: CBAM(self._out_feature_channels[name], cbam_reduction, cbam_kernel_size)
+                for name in self._out_features
+            }
+        )
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {name: self.cbam[name](f) for name, f in super().forward(x).items()}
+
+
+def _check_choice(key: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} = {value!r} is not supported; allowed values: {list(allowed)}")
+
+
+def _check_cbam_hrnet_cfg(cfg) -> None:
+    """Raise ValueError naming the key, the value and what is allowed, for every bad value."""
+    _check_choice("MODEL.HRNET.WIDTH", cfg.MODEL.HRNET.WIDTH, list(HRNET_WIDTHS))
+    _check_choice("MODEL.HRNET.NORM", cfg.MODEL.HRNET.NORM, HRNET_NORMS)
+    _check_choice("MODEL.CBAM.POSITION", cfg.MODEL.CBAM.POSITION, CBAM_POSITIONS)
+    _check_choice(
+        "MODEL.BACKBONE.FREEZE_AT", cfg.MODEL.BACKBONE.FREEZE_AT, range(len(HRNET_STAGES) + 1)
+    )
+    for branch in cfg.MODEL.CBAM.BRANCHES:
+        if branch not in HRNET_FEATURES:
+            raise ValueError(
+                f"MODEL.CBAM.BRANCHES contains {branch!r}; allowed values: {list(HRNET_FEATURES)}"
+            )
+    reduction, kernel = cfg.MODEL.CBAM.REDUCTION, cfg.MODEL.CBAM.KERNEL_SIZE
+    if not isinstance(reduction, int) or reduction < 1:
+        raise ValueError(f"MODEL.CBAM.REDUCTION = {reduction!r}; allowed values: integers >= 1")
+    if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise ValueError(
+            f"MODEL.CBAM.KERNEL_SIZE = {kernel!r}; allowed values: odd positive integers (3, 5, 7, ...)"
+        )
+
+
+def _trunk_norm(cfg) -> str:
+    norm = cfg.MODEL.HRNET.NORM
+    if norm == "SyncBN" and cfg.MODEL.DEVICE == "cpu":
+        # torch's SyncBatchNorm needs CUDA across processes; detectron2's all-reduce version runs on gloo.
+        return "naiveSyncBN"
+    return norm
+
+
+def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRNet:
+    _check_cbam_hrnet_cfg(cfg)
+    # fmt: off
+    width     = cfg.MODEL.HRNET.WIDTH
+    norm      = _trunk_norm(cfg)
+    freeze_at = cfg.MODEL.BACKBONE.FREEZE_AT
+    branches  = cfg.MODEL.CBAM.BRANCHES if cbam_on_branches else []
+    reduction = cfg.MODEL.CBAM.REDUCTION
+    kernel    = cfg.MODEL.CBAM.KERNEL_SIZE
+    # fmt: on
+    return CBAMHRNet(
+        width,
+        in_channels=input_shape.channels,
+        norm=norm,
+        cbam_branches=branches,
+        cbam_reduction=reduction,
+        cbam_kernel_size=kernel,
+        freeze_at=freeze_at,
+    )
+
+
+def _log_built(cfg, model: nn.Module, sites: Sequence[str]) -> None:
+    params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "Built %s: HRNet-W%d, norm %s, CBAM on %s, %.2fM parameters",
+        cfg.MODEL.BACKBONE.NAME,
+        cfg.MODEL.HRNET.WIDTH,
+        cfg.MODEL.HRNET.NORM,
+        ", ".join(sites) or "nothing",
+        params / 1e6,
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_cbam_hrnet_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """
+    HRNet trunk with CBAM on the branches listed in MODEL.CBAM.BRANCHES.
+
+    Returns:
+        CBAMHRNet: outputs hr2..hr5.
+    """
+    if cfg.MODEL.CBAM.ENABLED and cfg.MODEL.CBAM.POSITION == "fpn":
+        raise ValueError(
+            "MODEL.CBAM.POSITION = 'fpn' needs an FPN: set MODEL.BACKBONE.NAME = "
+            "'build_cbam_hrnet_fpn_backbone', or MODEL.CBAM.POSITION = 'branches'"
+        )
+    backbone = _build_trunk(cfg, input_shape, cbam_on_branches=cfg.MODEL.CBAM.ENABLED)
+    _log_built(cfg, backbone, list(backbone.cbam))
+    return backbone
+
+
+@BACKBONE_REGISTRY.register()
+def build_cbam_hrnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """
+    CBAM-HRNet trunk + detectron2's FPN with LastLevelMaxPool (p2..p6). With
+    MODEL.CBAM.POSITION "fpn" the CBAM blocks sit on the FPN outputs instead of the branches.
+
+    Returns:
+        FPN: outputs p2..p6.
+    """
+    enabled, position = cfg.MODEL.CBAM.ENABLED, cfg.MODEL.CBAM.POSITION
+    bottom_up = _build_trunk(cfg, input_shape, cbam_on_branches=enabled and position == "branches")
+    fpn_kwargs = dict(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
+    if enabled and position == "fpn":
+        backbone = CBAMFPN(
+            cbam_reduction=cfg.MODEL.CBAM.REDUCTION,
+            cbam_kernel_size=cfg.MODEL.CBAM.KERNEL_SIZE,
+            **fpn_kwargs,
+        )
+        sites = list(backbone.cbam)
+    else:
+        backbone = FPN(**fpn_kwargs)
+        sites = list(bottom_up.cbam)
+    _log_built(cfg, backbone, sites)
+    return backbone

@@ -1,0 +1,40 @@
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_cbam_hrnet_config"]
+
+
+def add_cbam_hrnet_config(cfg: CN) -> None:
+    """
+    Add config keys of the CBAM-HRNet backbone and of this project's training/data options.
+    Call it after ``get_cfg()`` and before ``merge_from_file``. Defaults describe the reference model:
+    HRNet-W18 with CBAM (r=16, k=7) on all four stage-4 branches.
+    """
+    _C = cfg
+
+    _C.MODEL.HRNET = CN()
+    # HRNet width W = channels of the highest-resolution branch. Options: 18, 32, 48 (timm hrnet_w*).
+    _C.MODEL.HRNET.WIDTH = 18
+    # Norm in the trunk. Options: BN, SyncBN, FrozenBN, GN (GN: most groups <= 32 dividing C).
+    # SyncBN becomes detectron2's naiveSyncBN on CPU (works across gloo processes). Stages frozen by
+    # MODEL.BACKBONE.FREEZE_AT (1 = stem, 2 = +stage1, ... 5 = all) become FrozenBN whatever this is.
+    _C.MODEL.HRNET.NORM = "SyncBN"
+
+    _C.MODEL.CBAM = CN()
+    # Add CBAM blocks at all (False = plain HRNet + FPN, the ablation baseline).
+    _C.MODEL.CBAM.ENABLED = True
+    # Channel-attention MLP reduction ratio r (hidden = max(1, C // r)); integer >= 1.
+    _C.MODEL.CBAM.REDUCTION = 16
+    # Spatial-attention conv kernel size k; odd and positive.
+    _C.MODEL.CBAM.KERNEL_SIZE = 7
+    # With POSITION "branches": which stage-4 branches get a CBAM block; subset of hr2..hr5.
+    _C.MODEL.CBAM.BRANCHES = ["hr2", "hr3", "hr4", "hr5"]
+    # Where CBAM sits. Options: "branches" (on HRNet outputs hr2..hr5), "fpn" (one per FPN output p2..p6).
+    _C.MODEL.CBAM.POSITION = "branches"
+
+    # Extra COCO-format datasets to register before building loaders: list of
+    # [name, json_file, image_root]; the names can then be used in DATASETS.TRAIN / DATASETS.TEST.
+    _C.DATASETS.REGISTER_COCO = []
+
+    # Optimizer. Options: "SGD" (detectron2's, with SOLVER.MOMENTUM), "AdamW" (betas 0.9/0.999, for
+    # training from scratch, e.g. the CPU shapes recipe). Both use SOLVER.BASE_LR and WEIGHT_DECAY*.
+    _C.SOLVER.OPTIMIZER = "SGD"

@@ -1,0 +1,29 @@
+"""Shared helpers of the test suite."""
+import glob
+import os
+
+import torch
+from detectron2.config import get_cfg
+
+from cbam_hrnet_d2 import add_cbam_hrnet_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+DEFAULT_CONFIG = os.path.join(CONFIGS, "mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml")
+
+
+def collect_config_files():
+    """Every runnable YAML under configs/ (Base-* are not runnable)."""
+    files = glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True)
+    return sorted(f for f in files if not os.path.basename(f).startswith("Base-"))
+
+
+def get_config(config_file=DEFAULT_CONFIG, opts=()):
+    """A frozen-free cfg from ``config_file`` with ``opts`` merged, on CPU."""
+    cfg = get_cfg()
+    add_cbam_hrnet_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg

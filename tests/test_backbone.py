@@ -1,0 +1,134 @@
+import unittest
+
+import torch
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.modeling import build_backbone
+from torch import nn
+
+from cbam_hrnet_d2 import CBAM, CBAMFPN
+from cbam_hrnet_d2.hrnet import HRNET_FEATURES, HRNET_STAGES, hrnet_branch_channels
+
+from .common import get_config
+
+TRUNK = ["MODEL.BACKBONE.NAME", "build_cbam_hrnet_backbone"]
+
+
+def build(opts=()):
+    torch.manual_seed(0)
+    return build_backbone(get_config(opts=list(opts)), ShapeSpec(channels=3))
+
+
+class TestTrunk(unittest.TestCase):
+    def test_outputs_match_output_shape_for_each_width(self):
+        x = torch.rand(2, 3, 64, 96)
+        for width in (18, 32, 48):
+            with self.subTest(width=width):
+                model = build(TRUNK + ["MODEL.HRNET.WIDTH", width]).eval()
+                shapes = model.output_shape()
+                self.assertEqual(list(shapes), list(HRNET_FEATURES))
+                self.assertEqual([s.stride for s in shapes.values()], [4, 8, 16, 32])
+                self.assertEqual([s.channels for s in shapes.values()], hrnet_branch_channels(width))
+                with torch.no_grad():
+                    out = model(x)
+                self.assertEqual(list(out), model._out_features)
+                for name, t in out.items():
+                    s = shapes[name]
+                    self.assertEqual(tuple(t.shape), (2, s.channels, 64 // s.stride, 96 // s.stride))
+
+    def test_w18_branch_channels(self):
+        self.assertEqual(hrnet_branch_channels(18), [18, 36, 72, 144])
+
+    def test_trunk_and_fpn_report_size_divisibility_32(self):
+        self.assertEqual(build(TRUNK).size_divisibility, 32)
+        self.assertEqual(build().size_divisibility, 32)
+
+    def test_trunk_has_no_classifier_or_incre_layers(self):
+        names = {n.split(".")[1] for n, _ in build(TRUNK).named_parameters() if n.startswith("trunk.")}
+        self.assertEqual(names, {m for group in HRNET_STAGES for m in group})
+
+    def test_cbam_on_every_branch_by_default(self):
+        model = build(TRUNK)
+        self.assertEqual(sorted(model.cbam), list(HRNET_FEATURES))
+
+    def test_cbam_branches_selects_sites(self):
+        model = build(TRUNK + ["MODEL.CBAM.BRANCHES", ["hr3", "hr5"]])
+        self.assertEqual(sorted(model.cbam), ["hr3", "hr5"])
+
+    def test_disabled_cbam_gives_bare_trunk_output(self):
+        model = build(TRUNK + ["MODEL.CBAM.ENABLED", False]).eval()
+        self.assertFalse(any(isinstance(m, CBAM) for m in model.modules()))
+        x = torch.rand(1, 3, 64, 64)
+        with torch.no_grad():
+            out = model(x)
+            raw = model.trunk(x)
+        for name, t in zip(HRNET_FEATURES, raw):
+            torch.testing.assert_close(out[name], t, rtol=0, atol=0)
+
+    def test_enabled_cbam_changes_trunk_output(self):
+        model = build(TRUNK).eval()
+        x = torch.rand(1, 3, 64, 64)
+        with torch.no_grad():
+            out, raw = model(x), model.trunk(x)
+        self.assertFalse(torch.allclose(out["hr2"], raw[0]))
+
+    def test_freeze_at_freezes_exactly_the_promised_stages(self):
+        for freeze_at in range(len(HRNET_STAGES) + 1):
+            with self.subTest(freeze_at=freeze_at):
+                model = build(TRUNK + ["MODEL.BACKBONE.FREEZE_AT", freeze_at, "MODEL.HRNET.NORM", "BN"])
+                frozen = {m for group in HRNET_STAGES[:freeze_at] for m in group}
+                for name, p in model.named_parameters():
+                    parts = name.split(".")
+                    is_frozen = parts[0] == "trunk" and parts[1] in frozen
+                    self.assertEqual(p.requires_grad, not is_frozen, name)
+                for name, m in model.trunk.named_modules():
+                    if name and name.split(".")[0] in frozen and "bn" in name.split(".")[-1]:
+                        self.assertIsInstance(m, FrozenBatchNorm2d, name)
+                trainable_bn = [
+                    m for n, m in model.trunk.named_modules()
+                    if n and n.split(".")[0] not in frozen and isinstance(m, FrozenBatchNorm2d)
+                ]
+                self.assertEqual(trainable_bn, [])
+
+    def test_each_norm_builds_and_runs(self):
+        expected = {"BN": nn.BatchNorm2d, "SyncBN": nn.BatchNorm2d, "FrozenBN": FrozenBatchNorm2d,
+                    "GN": nn.GroupNorm}
+        for norm, cls in expected.items():
+            with self.subTest(norm=norm):
+                model = build(TRUNK + ["MODEL.HRNET.NORM", norm])
+                self.assertIsInstance(model.trunk.bn1, cls)
+                self.assertIsInstance(model.trunk.stage4[0].branches[0][0].bn1, cls)
+                out = model(torch.rand(2, 3, 64, 64))
+                self.assertTrue(all(torch.isfinite(t).all() for t in out.values()))
+
+    def test_group_norm_uses_groups_dividing_branch_width(self):
+        model = build(TRUNK + ["MODEL.HRNET.NORM", "GN"])
+        gn = model.trunk.stage4[0].branches[0][0].bn1
+        self.assertEqual((gn.num_channels, gn.num_groups), (18, 18))
+
+
+class TestFPN(unittest.TestCase):
+    def test_fpn_outputs_p2_to_p6_with_256_channels_on_odd_sizes(self):
+        model = build().eval()
+        for h, w in ((200, 249), (64, 96)):
+            x = torch.rand(1, 3, h, w)
+            # GeneralizedRCNN pads to size_divisibility; do the same here
+            ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
+            x = nn.functional.pad(x, (0, pw - w, 0, ph - h))
+            with torch.no_grad():
+                out = model(x)
+            self.assertEqual(list(out), ["p2", "p3", "p4", "p5", "p6"])
+            for name, t in out.items():
+                stride = model.output_shape()[name].stride
+                self.assertEqual(tuple(t.shape), (1, 256, -(-ph // stride), -(-pw // stride)))
+
+    def test_position_fpn_puts_cbam_on_p2_to_p6_only(self):
+        model = build(["MODEL.CBAM.POSITION", "fpn"])
+        self.assertIsInstance(model, CBAMFPN)
+        self.assertEqual(sorted(model.cbam), ["p2", "p3", "p4", "p5", "p6"])
+        self.assertEqual(len(model.bottom_up.cbam), 0)
+        self.assertEqual(sum(isinstance(m, CBAM) for m in model.modules()), 5)
+
+    def test_position_branches_puts_cbam_on_trunk_only(self):
+        model = build()
+        self.assertNotIsInstance(model, CBAMFPN)
+        self.assertEqual(sum(isinstance(m, CBAM) for m in model.modules()), 4)

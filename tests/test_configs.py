@@ -1,0 +1,90 @@
+"""Every runnable YAML loads, builds a GeneralizedRCNN on CPU, trains one step and predicts masks."""
+import os
+import unittest
+
+import torch
+from detectron2.modeling import GeneralizedRCNN, build_model
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
+from fvcore.nn.precise_bn import update_bn_stats
+
+from .common import collect_config_files, get_config
+
+
+def _prepare_random_model_for_eval(model):
+    """Make a random-init model keep detections, so that the mask head runs at test time."""
+    # A random-init trunk in eval mode with running stats (0, 1) overflows; estimate real
+    # statistics first, as detectron2's PreciseBN hook does after training.
+    images = [torch.rand(2, 3, 128, 160) for _ in range(2)]
+    update_bn_stats(model.backbone, images, num_iters=len(images))
+    # Random box deltas would push every box outside the image: keep the proposals' boxes,
+    # and accept every score.
+    torch.nn.init.zeros_(model.roi_heads.box_predictor.bbox_pred.weight)
+    torch.nn.init.zeros_(model.roi_heads.box_predictor.bbox_pred.bias)
+    model.roi_heads.box_predictor.test_score_thresh = 0.0
+    model.eval()
+
+
+def _inputs(sizes=((200, 250), (200, 249)), num_instances=(3, 0)):
+    batch = []
+    for (h, w), n in zip(sizes, num_instances):
+        inst = Instances((h, w))
+        xy = torch.rand(n, 2) * torch.tensor([w / 2, h / 2])
+        wh = torch.rand(n, 2) * 60 + 20
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        inst.gt_boxes = Boxes(boxes)
+        inst.gt_classes = torch.randint(0, 3, (n,))
+        masks = torch.zeros(n, h, w, dtype=torch.bool)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.round().int().tolist()):
+            masks[i, y0:y1, x0:x1] = True
+        inst.gt_masks = BitMasks(masks)
+        batch.append({"image": torch.rand(3, h, w) * 255, "instances": inst})
+    return batch
+
+
+class TestEveryConfig(unittest.TestCase):
+    def test_configs_exist(self):
+        self.assertGreaterEqual(len(collect_config_files()), 6)
+
+    def test_every_config_builds_trains_one_step_and_predicts_masks(self):
+        for path in collect_config_files():
+            with self.subTest(config=os.path.relpath(path)):
+                torch.manual_seed(0)
+                cfg = get_config(path)
+                cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+                model = build_model(cfg)
+                self.assertIsInstance(model, GeneralizedRCNN)
+                model.train()
+                with EventStorage():
+                    losses = model(_inputs())
+                    total = sum(losses.values())
+                    self.assertTrue(all(torch.isfinite(v) for v in losses.values()), losses)
+                    total.backward()
+                self.assertIn("loss_mask", losses)
+                _prepare_random_model_for_eval(model)
+                with torch.no_grad():
+                    out = model([{"image": torch.rand(3, 200, 249) * 255}])
+                inst = out[0]["instances"]
+                self.assertTrue(inst.has("pred_masks"))
+                self.assertGreater(len(inst), 0)
+                self.assertEqual(tuple(inst.pred_masks.shape[1:]), (200, 249))
+
+    def test_poolers_output_7x7_boxes_and_14x14_masks(self):
+        cfg = get_config()
+        model = build_model(cfg)
+        _prepare_random_model_for_eval(model)
+        seen = {}
+
+        def hook(name):
+            def record(module, inputs, output):
+                seen[name] = tuple(output.shape[-2:])
+
+            return record
+
+        model.roi_heads.box_pooler.register_forward_hook(hook("box"))
+        model.roi_heads.mask_pooler.register_forward_hook(hook("mask"))
+        with torch.no_grad():
+            model([{"image": torch.rand(3, 128, 160) * 255}])
+        self.assertEqual(seen, {"box": (7, 7), "mask": (14, 14)})
+        self.assertEqual(cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION, 7)
+        self.assertEqual(cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION, 14)
