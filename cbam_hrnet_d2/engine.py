@@ -1,0 +1,82 @@
+"""Training helpers used by ``train_net.py``: optimizer choice, CPU multi-process DDP, result files."""
+import contextlib
+import json
+import logging
+import os
+from typing import Dict, Iterator
+from unittest import mock
+
+import torch
+from detectron2.engine import defaults
+from detectron2.solver import build_optimizer as build_sgd_optimizer
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
+from tabulate import tabulate
+
+__all__ = ["build_optimizer", "ddp_on_any_device", "set_cpu_threads", "write_results"]
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("SGD", "AdamW")
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """detectron2's SGD, or AdamW with the same parameter groups (SOLVER.OPTIMIZER)."""
+    name = cfg.SOLVER.OPTIMIZER
+    if name == "SGD":
+        return build_sgd_optimizer(cfg, model)
+    if name != "AdamW":
+        raise ValueError(f"SOLVER.OPTIMIZER = {name!r} is not supported; allowed values: {list(OPTIMIZERS)}")
+    params = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    adamw = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    return maybe_add_gradient_clipping(cfg, adamw)
+
+
+@contextlib.contextmanager
+def ddp_on_any_device() -> Iterator[None]:
+    """detectron2's ``DefaultTrainer`` wraps the model with ``device_ids=[local_rank]``, which
+    DistributedDataParallel rejects for CPU modules. Inside this context, CPU models get
+    ``device_ids=None`` (gloo), CUDA models are wrapped exactly as detectron2 does."""
+    original = defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if next(model.parameters()).device.type == "cpu":
+            kwargs["device_ids"] = None
+        return original(model, **kwargs)
+
+    with mock.patch.object(defaults, "create_ddp_model", create_ddp_model):
+        yield
+
+
+def set_cpu_threads(cfg) -> None:
+    """On CPU, share the cores between the processes of this machine."""
+    if cfg.MODEL.DEVICE == "cpu":
+        threads = max(1, (os.cpu_count() or 1) // comm.get_local_size())
+        torch.set_num_threads(threads)
+        logger.info("CPU run: %d process(es) on this machine, %d thread(s) each", comm.get_local_size(), threads)
+
+
+def write_results(results: Dict[str, Dict[str, Dict[str, float]]], output_dir: str) -> None:
+    """Write ``results.json`` and ``ap_tables.md`` (one table per dataset and task) atomically."""
+    os.makedirs(output_dir, exist_ok=True)
+    lines = []
+    for dataset, tasks in results.items():
+        for task, metrics in tasks.items():
+            lines.append(f"### {dataset} — {task}\n")
+            lines.append(tabulate([metrics], headers="keys", tablefmt="pipe", floatfmt=".2f"))
+            lines.append("")
+    for name, text in (
+        ("results.json", json.dumps(results, indent=2)),
+        ("ap_tables.md", "\n".join(lines) + "\n"),
+    ):
+        path = os.path.join(output_dir, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    logger.info("AP tables written to %s", os.path.join(output_dir, "ap_tables.md"))

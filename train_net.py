@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""
+Train and evaluate Mask R-CNN with the CBAM-HRNet backbone, like detectron2's tools/train_net.py:
+
+    python train_net.py --config-file configs/shapes/mask_rcnn_CBAM_HRNet_W18_FPN_shapes.yaml
+    python train_net.py --config-file configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml --num-gpus 8
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+
+Without CUDA it runs on the CPU; ``--num-gpus N`` then starts N CPU processes (gloo).
+"""
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from cbam_hrnet_d2 import add_cbam_hrnet_config
+from cbam_hrnet_d2.data import check_datasets, register_from_cfg
+from cbam_hrnet_d2.engine import build_optimizer, ddp_on_any_device, set_cpu_threads, write_results
+
+
+class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        with ddp_on_any_device():
+            super().__init__(cfg)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process():
+            # DefaultTrainer.test drops the dataset level when there is one dataset
+            per_dataset = {cfg.DATASETS.TEST[0]: results} if len(cfg.DATASETS.TEST) == 1 else results
+            write_results(per_dataset, cfg.OUTPUT_DIR)
+        return results
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_cbam_hrnet_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="cbam_hrnet_d2")
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    set_cpu_threads(cfg)
+    register_from_cfg(cfg)
+    check_datasets(cfg)
+
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def invoke_main() -> None:
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()  # pragma: no cover
