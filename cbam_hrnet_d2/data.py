@@ -80,10 +80,10 @@ def _shape_outline(category: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def _random_colour(rng: np.random.Generator, avoid: np.ndarray) -> np.ndarray:
-    """A colour at least 90 (L1 over BGR) away from ``avoid``."""
+    """A colour at least 120 (L1 over BGR) away from ``avoid``."""
     for _ in range(50):
         c = rng.integers(0, 256, 3)
-        if np.abs(c - avoid).sum() >= 90:
+        if np.abs(c - avoid).sum() >= 120:
             return c
     return 255 - avoid
 
@@ -133,7 +133,7 @@ def _draw_image(index: int, seed: int) -> Tuple[np.ndarray, List[dict]]:
     for _ in range(int(rng.integers(1, _MAX_OBJECTS + 1))):
         for _attempt in range(20):
             cat = int(rng.integers(len(SHAPES_CATEGORIES)))
-            radius = rng.uniform(0.07, 0.3) * min(h, w)
+            radius = rng.uniform(0.08, 0.3) * min(h, w)
             pts = _shape_outline(SHAPES_CATEGORIES[cat], rng)
             ang = rng.uniform(0, 2 * math.pi)
             rot = np.array([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]])
