@@ -11,7 +11,6 @@ Without CUDA it runs on the CPU; ``--num-gpus N`` then starts N CPU processes (g
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
@@ -20,12 +19,13 @@ from detectron2.utils.logger import setup_logger
 
 from cbam_hrnet_d2 import add_cbam_hrnet_config
 from cbam_hrnet_d2.data import check_datasets, register_from_cfg
-from cbam_hrnet_d2.engine import build_optimizer, ddp_on_any_device, set_cpu_threads, write_results
+from cbam_hrnet_d2.checkpoint import SafeCheckpointer
+from cbam_hrnet_d2.engine import build_optimizer, set_cpu_threads, trainer_patches, write_results
 
 
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
-        with ddp_on_any_device():
+        with trainer_patches():
             super().__init__(cfg)
 
     @classmethod
@@ -68,7 +68,7 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

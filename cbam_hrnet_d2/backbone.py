@@ -10,6 +10,7 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from torch import nn
 
 from .cbam import CBAM
+from .convert import load_pretrained_trunk
 from .hrnet import (
     HRNET_FEATURES,
     HRNET_NORMS,
@@ -154,22 +155,30 @@ def _trunk_norm(cfg) -> str:
 def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRNet:
     _check_cbam_hrnet_cfg(cfg)
     # fmt: off
-    width     = cfg.MODEL.HRNET.WIDTH
-    norm      = _trunk_norm(cfg)
-    freeze_at = cfg.MODEL.BACKBONE.FREEZE_AT
-    branches  = cfg.MODEL.CBAM.BRANCHES if cbam_on_branches else []
-    reduction = cfg.MODEL.CBAM.REDUCTION
-    kernel    = cfg.MODEL.CBAM.KERNEL_SIZE
+    width      = cfg.MODEL.HRNET.WIDTH
+    norm       = _trunk_norm(cfg)
+    freeze_at  = cfg.MODEL.BACKBONE.FREEZE_AT
+    branches   = cfg.MODEL.CBAM.BRANCHES if cbam_on_branches else []
+    reduction  = cfg.MODEL.CBAM.REDUCTION
+    kernel     = cfg.MODEL.CBAM.KERNEL_SIZE
+    pretrained = cfg.MODEL.HRNET.PRETRAINED
     # fmt: on
-    return CBAMHRNet(
+    backbone = CBAMHRNet(
         width,
         in_channels=input_shape.channels,
         norm=norm,
         cbam_branches=branches,
         cbam_reduction=reduction,
         cbam_kernel_size=kernel,
-        freeze_at=freeze_at,
     )
+    if pretrained and cfg.MODEL.WEIGHTS:
+        logger.info(
+            "MODEL.WEIGHTS (%s) is set and wins: MODEL.HRNET.PRETRAINED (%s) is not loaded",
+            cfg.MODEL.WEIGHTS, pretrained,
+        )
+    elif pretrained:
+        load_pretrained_trunk(backbone.trunk, pretrained, width)
+    return backbone.freeze(freeze_at)
 
 
 def _log_built(cfg, model: nn.Module, sites: Sequence[str]) -> None:

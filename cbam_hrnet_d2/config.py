@@ -18,6 +18,9 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # SyncBN becomes detectron2's naiveSyncBN on CPU (works across gloo processes). Stages frozen by
     # MODEL.BACKBONE.FREEZE_AT (1 = stem, 2 = +stage1, ... 5 = all) become FrozenBN whatever this is.
     _C.MODEL.HRNET.NORM = "SyncBN"
+    # ImageNet HRNet checkpoint (timm .pth/.safetensors, official HRNet .pth, or a converted file)
+    # loaded into the trunk at build time; "" = random init. A set MODEL.WEIGHTS wins over it.
+    _C.MODEL.HRNET.PRETRAINED = ""
 
     _C.MODEL.CBAM = CN()
     # Add CBAM blocks at all (False = plain HRNet + FPN, the ablation baseline).

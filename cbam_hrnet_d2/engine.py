@@ -13,7 +13,9 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from detectron2.utils import comm
 from tabulate import tabulate
 
-__all__ = ["build_optimizer", "ddp_on_any_device", "set_cpu_threads", "write_results"]
+from .checkpoint import SafeCheckpointer
+
+__all__ = ["build_optimizer", "trainer_patches", "set_cpu_threads", "write_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +41,13 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 @contextlib.contextmanager
-def ddp_on_any_device() -> Iterator[None]:
-    """detectron2's ``DefaultTrainer`` wraps the model with ``device_ids=[local_rank]``, which
-    DistributedDataParallel rejects for CPU modules. Inside this context, CPU models get
-    ``device_ids=None`` (gloo), CUDA models are wrapped exactly as detectron2 does."""
+def trainer_patches() -> Iterator[None]:
+    """Wrap ``DefaultTrainer.__init__`` in this context. Inside it:
+
+    * CPU models get DDP with ``device_ids=None`` (gloo): detectron2 passes ``[local_rank]``, which
+      DistributedDataParallel rejects for CPU modules. CUDA models are wrapped as detectron2 does.
+    * the trainer's checkpointer is :class:`SafeCheckpointer` (atomic saves, no code on load).
+    """
     original = defaults.create_ddp_model
 
     def create_ddp_model(model, **kwargs):
@@ -50,7 +55,9 @@ def ddp_on_any_device() -> Iterator[None]:
             kwargs["device_ids"] = None
         return original(model, **kwargs)
 
-    with mock.patch.object(defaults, "create_ddp_model", create_ddp_model):
+    with mock.patch.object(defaults, "create_ddp_model", create_ddp_model), mock.patch.object(
+        defaults, "DetectionCheckpointer", SafeCheckpointer
+    ):
         yield
 
 

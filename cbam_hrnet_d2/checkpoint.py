@@ -1,0 +1,141 @@
+"""Safe and atomic checkpoint I/O.
+
+* Loading never runs code from a file: ``.safetensors`` through safetensors, ``.pth``/``.pt`` through
+  ``torch.load(weights_only=True)``, and detectron2's pickled ``.pkl`` model-zoo format through a
+  restricted unpickler that only rebuilds numpy arrays and plain containers.
+* Saving is atomic: a checkpoint is written to a hidden temporary file, flushed to disk and renamed;
+  ``last_checkpoint`` is replaced the same way and only after that.
+"""
+import logging
+import os
+import pickle
+import types
+from typing import Any, Dict
+from unittest import mock
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint import detection_checkpoint as _d2_checkpoint
+
+__all__ = ["UnsafeCheckpointError", "restricted_pickle_load", "load_tensor_file", "SafeCheckpointer"]
+
+logger = logging.getLogger(__name__)
+
+# (module, name) pairs a model-zoo .pkl may reference: numpy arrays and scalars, plain containers.
+_PICKLE_ALLOWED = {
+    ("collections", "OrderedDict"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("builtins", "complex"),
+}
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """The file would import or call something when unpickled; it was not loaded."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PICKLE_ALLOWED:
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(
+            f"refusing to unpickle {module}.{name}: only numpy arrays and plain containers are allowed"
+        )
+
+
+def restricted_pickle_load(f, encoding: str = "latin1", **_: Any) -> Any:
+    """``pickle.load`` that refuses every global except numpy arrays and plain containers."""
+    return _RestrictedUnpickler(f, encoding=encoding).load()
+
+
+def load_tensor_file(path: str) -> Dict[str, Any]:
+    """Load a checkpoint without running code from it.
+
+    Returns:
+        dict: what the file holds (for .safetensors: {name: Tensor}).
+    Raises:
+        FileNotFoundError, or ValueError naming the file and the reason (truncated, not a
+        checkpoint, would run code).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        if path.endswith(".pkl"):
+            with open(path, "rb") as f:
+                return restricted_pickle_load(f)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except UnsafeCheckpointError as e:
+        raise ValueError(f"{path}: refused, the file would run code when loaded ({e})") from e
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise ValueError(
+                f"{path}: refused, the file holds Python objects that would run code when loaded "
+                "(torch.load weights_only=True). Re-save it as a plain state dict or .safetensors."
+            ) from e
+        raise ValueError(f"{path}: not a checkpoint or truncated ({e})") from e
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
+        raise ValueError(f"{path}: not a checkpoint or truncated ({type(e).__name__}: {e})") from e
+
+
+def _fsync_replace(tmp: str, final: str) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+class SafeCheckpointer(DetectionCheckpointer):
+    """:class:`DetectionCheckpointer` with safe loading and atomic saving (see module doc)."""
+
+    _INCOMPLETE = ".incomplete"
+
+    def _torch_load(self, f: str) -> Dict[str, Any]:
+        loaded = load_tensor_file(f)
+        if f.endswith(".safetensors"):
+            loaded = {"model": loaded}
+        return loaded
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if filename.endswith(".pkl"):
+            # detectron2 reads model-zoo .pkl files with pickle.load; give it the restricted one.
+            restricted = types.SimpleNamespace(load=restricted_pickle_load)
+            try:
+                with mock.patch.object(_d2_checkpoint, "pickle", restricted):
+                    return super()._load_file(filename)
+            except UnsafeCheckpointError as e:
+                raise ValueError(f"{filename}: refused, the file would run code when loaded ({e})") from e
+        return super()._load_file(filename)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        # fvcore writes "<name>.pth" in place and then tags it; write a hidden temporary file
+        # instead and let tag_last_checkpoint() rename it once it is complete.
+        self._pending_name = name
+        try:
+            super().save(f".{name}{self._INCOMPLETE}", **kwargs)
+        finally:
+            self._pending_name = None
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        pending = getattr(self, "_pending_name", None)
+        if pending is not None:
+            final = f"{pending}.pth"
+            _fsync_replace(
+                os.path.join(self.save_dir, last_filename_basename), os.path.join(self.save_dir, final)
+            )
+            last_filename_basename = final
+        save_file = os.path.join(self.save_dir, "last_checkpoint")
+        tmp = f"{save_file}{self._INCOMPLETE}"
+        with open(tmp, "w") as f:
+            f.write(last_filename_basename)
+        _fsync_replace(tmp, save_file)
+

@@ -1,0 +1,75 @@
+import filecmp
+import json
+import os
+import tempfile
+import unittest
+
+import numpy as np
+from pycocotools.coco import COCO
+
+from cbam_hrnet_d2.data import SHAPES_CATEGORIES, generate_shapes
+
+
+class TestShapesGenerator(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.a = os.path.join(cls.tmp.name, "a")
+        cls.b = os.path.join(cls.tmp.name, "b")
+        cls.json_a = generate_shapes(cls.a, "val", 12, seed=7)
+        generate_shapes(cls.b, "val", 12, seed=7)
+        cls.coco = COCO(cls.json_a)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_same_seed_gives_identical_files(self):
+        cmp = filecmp.dircmp(os.path.join(self.a, "val"), os.path.join(self.b, "val"))
+        self.assertEqual(len(cmp.common_files), 12)
+        _, mismatch, errors = filecmp.cmpfiles(
+            os.path.join(self.a, "val"), os.path.join(self.b, "val"), cmp.common_files, shallow=False
+        )
+        self.assertEqual((mismatch, errors), ([], []))
+        self.assertTrue(filecmp.cmp(self.json_a, os.path.join(self.b, "val.json"), shallow=False))
+
+    def test_other_seed_gives_other_images(self):
+        c = os.path.join(self.tmp.name, "c")
+        generate_shapes(c, "val", 2, seed=8)
+        self.assertFalse(
+            filecmp.cmp(os.path.join(self.a, "val", "000000.png"), os.path.join(c, "val", "000000.png"), shallow=False)
+        )
+
+    def test_categories_are_the_six_shapes_with_ids_1_to_6(self):
+        cats = self.coco.loadCats(self.coco.getCatIds())
+        self.assertEqual([(c["id"], c["name"]) for c in cats], list(enumerate(SHAPES_CATEGORIES, 1)))
+
+    def test_masks_lie_inside_images_and_match_boxes(self):
+        self.assertGreater(len(self.coco.getAnnIds()), 12)
+        for ann in self.coco.loadAnns(self.coco.getAnnIds()):
+            img = self.coco.loadImgs(ann["image_id"])[0]
+            for poly in ann["segmentation"]:
+                xy = np.array(poly).reshape(-1, 2)
+                self.assertTrue((xy >= 0).all() and (xy[:, 0] <= img["width"]).all())
+                self.assertTrue((xy[:, 1] <= img["height"]).all())
+            mask = self.coco.annToMask(ann)
+            self.assertEqual(mask.shape, (img["height"], img["width"]))
+            self.assertGreater(mask.sum(), 0)
+            ys, xs = np.nonzero(mask)
+            x, y, w, h = ann["bbox"]
+            self.assertLessEqual(abs(xs.min() - x), 2)
+            self.assertLessEqual(abs(ys.min() - y), 2)
+            self.assertLessEqual(abs(xs.max() + 1 - (x + w)), 2)
+            self.assertLessEqual(abs(ys.max() + 1 - (y + h)), 2)
+
+    def test_images_hold_several_categories(self):
+        cats = {a["category_id"] for a in self.coco.loadAnns(self.coco.getAnnIds())}
+        self.assertGreaterEqual(len(cats), 4)
+        per_image = [len(self.coco.getAnnIds(imgIds=[i])) for i in self.coco.getImgIds()]
+        self.assertGreater(max(per_image), 1)
+
+    def test_json_images_exist(self):
+        with open(self.json_a) as f:
+            data = json.load(f)
+        for img in data["images"]:
+            self.assertTrue(os.path.isfile(os.path.join(self.a, "val", img["file_name"])))

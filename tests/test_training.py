@@ -1,0 +1,159 @@
+"""train_net.py end to end on a tiny generated dataset: train, checkpoint, --eval-only, --resume,
+two CPU processes, and the errors for missing datasets and unknown keys."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import torch
+
+from cbam_hrnet_d2.data import generate_shapes
+
+from .common import REPO
+
+CONFIG = os.path.join(REPO, "configs/quick_schedules/mask_rcnn_CBAM_HRNet_W18_FPN_instant_test.yaml")
+
+
+def run_train_net(args, env=None, timeout=600, wait=True):
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG] + list(args)
+    full_env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class TrainingTestCase(unittest.TestCase):
+    """A tiny train/val set, registered through DATASETS.REGISTER_COCO."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        root = os.path.join(cls.tmp.name, "data")
+        train_json = generate_shapes(root, "train", 8, seed=11)
+        val_json = generate_shapes(root, "val", 4, seed=12)
+        cls.data_opts = [
+            "DATASETS.REGISTER_COCO",
+            f"[['tiny_train', '{train_json}', '{root}/train'], ['tiny_val', '{val_json}', '{root}/val']]",
+            "DATASETS.TRAIN", "('tiny_train',)",
+            "DATASETS.TEST", "('tiny_val',)",
+        ]
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def out(self, name):
+        return os.path.join(self.tmp.name, name)
+
+    def check(self, proc):
+        self.assertEqual(proc.returncode, 0, proc.stdout[-3000:] + proc.stderr[-3000:])
+
+
+class TestTrainEvalResume(TrainingTestCase):
+    def test_train_writes_checkpoint_metrics_and_ap_tables_then_eval_only_reproduces_ap(self):
+        out = self.out("train")
+        self.check(run_train_net(self.data_opts + ["OUTPUT_DIR", out]))
+        for name in ("model_final.pth", "metrics.json", "ap_tables.md", "results.json", "last_checkpoint"):
+            self.assertTrue(os.path.isfile(os.path.join(out, name)), name)
+        losses = [m["total_loss"] for m in read_metrics(out) if "total_loss" in m]
+        self.assertTrue(losses and all(l == l and l < 1e4 for l in losses))
+        with open(os.path.join(out, "results.json")) as f:
+            trained = json.load(f)["tiny_val"]
+        self.assertEqual(set(trained), {"bbox", "segm"})
+
+        ev = self.out("eval")
+        proc = run_train_net(
+            self.data_opts
+            + ["--eval-only", "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "OUTPUT_DIR", ev]
+        )
+        self.check(proc)
+        self.assertIn("Evaluation results for bbox", proc.stdout + proc.stderr)
+        self.assertIn("Evaluation results for segm", proc.stdout + proc.stderr)
+        with open(os.path.join(ev, "results.json")) as f:
+            evaluated = json.load(f)["tiny_val"]
+        for task in ("bbox", "segm"):
+            a, b = trained[task]["AP"], evaluated[task]["AP"]
+            self.assertTrue(a == b or abs(a - b) <= 0.1, (task, a, b))
+
+    def test_resume_after_kill_restores_iteration_optimizer_and_lr(self):
+        straight = self.out("straight")
+        self.check(run_train_net(self.data_opts + ["OUTPUT_DIR", straight, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]))
+
+        killed = self.out("killed")
+        opts = self.data_opts + ["OUTPUT_DIR", killed, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
+        proc = run_train_net(opts, wait=False)
+        ckpt = os.path.join(killed, "model_0000003.pth")
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            last = os.path.join(killed, "last_checkpoint")
+            if os.path.isfile(last) and open(last).read().strip() == "model_0000003.pth":
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.wait()
+        self.assertEqual(proc.returncode, -signal.SIGKILL, "training ended before it could be killed")
+        self.assertFalse(os.path.isfile(os.path.join(killed, "model_final.pth")))
+        self.assertTrue(os.path.isfile(ckpt))
+
+        resumed = run_train_net(["--resume"] + opts)
+        self.check(resumed)
+        self.assertIn("Starting training from iteration 4", resumed.stdout + resumed.stderr)
+        final = torch.load(os.path.join(killed, "model_final.pth"), map_location="cpu", weights_only=False)
+        self.assertEqual(final["iteration"], 5)
+        steps = {int(s["step"]) for s in final["optimizer"]["state"].values()}
+        self.assertEqual(steps, {6}, "optimizer state was not restored (Adam step counts)")
+        self.assertEqual(final["scheduler"]["last_epoch"], 6)
+        lr = {m["iteration"]: m["lr"] for m in read_metrics(straight)}
+        lr_resumed = {m["iteration"]: m["lr"] for m in read_metrics(killed)}
+        self.assertAlmostEqual(lr_resumed[5], lr[5], places=12)
+        self.assertLess(lr[5], 0.003 * 0.5, "STEPS (3,) should have lowered the LR")
+
+
+class TestMultiProcess(TrainingTestCase):
+    def test_two_cpu_processes_train_with_syncbn_and_write_a_checkpoint(self):
+        out = self.out("ddp")
+        proc = run_train_net(
+            ["--num-gpus", "2"] + self.data_opts
+            + ["OUTPUT_DIR", out, "SOLVER.MAX_ITER", 2, "SOLVER.IMS_PER_BATCH", 4,
+               "MODEL.HRNET.NORM", "SyncBN", "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
+        )
+        self.check(proc)
+        log = proc.stdout + proc.stderr
+        self.assertIn("2 process(es) on this machine", log)
+        self.assertTrue(os.path.isfile(os.path.join(out, "model_final.pth")))
+        losses = [m["total_loss"] for m in read_metrics(out) if "total_loss" in m]
+        self.assertTrue(losses and all(torch.isfinite(torch.tensor(l)) for l in losses))
+
+
+class TestErrors(unittest.TestCase):
+    def test_missing_dataset_says_where_it_looked_and_how_to_fix(self):
+        with tempfile.TemporaryDirectory() as d:
+            proc = run_train_net(
+                ["DATASETS.TRAIN", "('coco_2017_train',)", "OUTPUT_DIR", os.path.join(d, "o")],
+                env={"DETECTRON2_DATASETS": os.path.join(d, "nowhere")},
+            )
+        self.assertNotEqual(proc.returncode, 0)
+        err = proc.stderr
+        self.assertIn("coco_2017_train", err)
+        self.assertIn(os.path.join(d, "nowhere"), err)
+        self.assertIn("datasets/README.md", err)
+
+    def test_unregistered_dataset_name_is_refused(self):
+        proc = run_train_net(["DATASETS.TRAIN", "('no_such_set',)"])
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("'no_such_set'", proc.stderr)
+        self.assertIn("DATASETS.REGISTER_COCO", proc.stderr)
+
+    def test_unknown_key_names_it(self):
+        proc = run_train_net(["MODEL.HRNET.WIDHT", "32"])
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("MODEL.HRNET.WIDHT", proc.stderr)

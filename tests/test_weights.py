@@ -1,0 +1,166 @@
+"""ImageNet HRNet weights: conversion, MODEL.WEIGHTS / MODEL.HRNET.PRETRAINED loading, bad files."""
+import os
+import pickle
+import tempfile
+import unittest
+
+import timm
+import torch
+from detectron2.modeling import build_model
+from safetensors.torch import save_file
+
+from cbam_hrnet_d2.checkpoint import SafeCheckpointer, load_tensor_file
+from cbam_hrnet_d2.convert import convert
+from cbam_hrnet_d2.hrnet import HRNET_FEATURES
+
+from .common import get_config
+
+
+def timm_classifier(width):
+    torch.manual_seed(width)
+    return timm.create_model(f"hrnet_w{width}", pretrained=False).eval()
+
+
+def timm_features(model, x):
+    feats = timm.create_model(
+        model.default_cfg["architecture"], features_only=True, feature_location="", out_indices=(1, 2, 3, 4)
+    ).eval()
+    feats.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        return feats(x)
+
+
+def trunk_outputs(model, x):
+    with torch.no_grad():
+        out = model.backbone.bottom_up.trunk(x)
+    return dict(zip(HRNET_FEATURES, out))
+
+
+class _Payload:
+    """Unpickling this creates a marker file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+class TestHRNetWeights(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.w18 = timm_classifier(18)
+        cls.x = torch.rand(1, 3, 64, 96)
+        cls.expected = timm_features(cls.w18, cls.x)
+        sd = cls.w18.state_dict()
+        cls.timm_pth = cls.path("hrnet_w18.pth")
+        torch.save(sd, cls.timm_pth)
+        cls.timm_st = cls.path("hrnet_w18.safetensors")
+        save_file({k: v.contiguous() for k, v in sd.items()}, cls.timm_st)
+        # official HRNet-Image-Classification layout: a DataParallel-style "module." prefix
+        cls.official = cls.path("hrnetv2_w18_imagenet_pretrained.pth")
+        torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, cls.official)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    @classmethod
+    def path(cls, name):
+        return os.path.join(cls.tmp.name, name)
+
+    def cfg(self, opts=()):
+        return get_config(opts=["MODEL.HRNET.NORM", "BN", *opts])
+
+    def assert_trunk_equals_timm(self, model):
+        model.eval()
+        for got, want in zip(trunk_outputs(model, self.x).values(), self.expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    def test_converted_files_load_through_model_weights_and_match_timm_exactly(self):
+        for src in (self.timm_pth, self.timm_st, self.official):
+            for ext in (".safetensors", ".pth"):
+                with self.subTest(src=os.path.basename(src), out=ext):
+                    out = self.path(os.path.basename(src) + "_d2" + ext)
+                    report = convert(src, out, 18)
+                    self.assertEqual(report["missing"], [])
+                    self.assertTrue(any(k.startswith("classifier") for k in report["unused"]))
+                    model = build_model(self.cfg())
+                    SafeCheckpointer(model).load(out)
+                    self.assert_trunk_equals_timm(model)
+
+    def test_pretrained_key_loads_each_source_format(self):
+        for src in (self.timm_pth, self.timm_st, self.official):
+            with self.subTest(src=os.path.basename(src)):
+                model = build_model(self.cfg(["MODEL.HRNET.PRETRAINED", src]))
+                self.assert_trunk_equals_timm(model)
+
+    def test_pretrained_report_lists_loaded_and_unused(self):
+        with self.assertLogs("cbam_hrnet_d2.convert", "INFO") as logs:
+            build_model(self.cfg(["MODEL.HRNET.PRETRAINED", self.timm_pth]))
+        text = "\n".join(logs.output)
+        self.assertRegex(text, r"\d+ trunk tensors loaded")
+        self.assertIn("in the file but unused: incre_modules", text)
+        self.assertIn("CBAM, FPN and the detection heads start from random init", text)
+
+    def test_model_weights_wins_over_pretrained_with_a_log_line(self):
+        with self.assertLogs("cbam_hrnet_d2.backbone", "INFO") as logs:
+            model = build_model(
+                self.cfg(["MODEL.HRNET.PRETRAINED", self.timm_pth, "MODEL.WEIGHTS", "some.pth"])
+            )
+        self.assertIn("MODEL.WEIGHTS (some.pth) is set and wins", "\n".join(logs.output))
+        got = trunk_outputs(model.eval(), self.x)["hr2"]
+        self.assertFalse(torch.equal(got, self.expected[0]))
+
+    def test_width_mismatch_names_both_widths(self):
+        w32 = self.path("hrnet_w32.pth")
+        torch.save(timm_classifier(32).state_dict(), w32)
+        with self.assertRaisesRegex(ValueError, r"HRNet-W32 weights but the config builds HRNet-W18"):
+            build_model(self.cfg(["MODEL.HRNET.PRETRAINED", w32]))
+        with self.assertRaisesRegex(ValueError, r"hrnet_w32.pth holds HRNet-W32"):
+            convert(w32, self.path("x.safetensors"), 18)
+
+    def test_other_architecture_is_refused(self):
+        resnet = self.path("resnet18.pth")
+        torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), resnet)
+        with self.assertRaisesRegex(ValueError, r"resnet18.pth is not an HRNet checkpoint"):
+            build_model(self.cfg(["MODEL.HRNET.PRETRAINED", resnet]))
+
+    def test_truncated_file_names_the_file(self):
+        data = open(self.timm_pth, "rb").read()
+        bad = self.path("truncated.pth")
+        with open(bad, "wb") as f:
+            f.write(data[: len(data) // 3])
+        with self.assertRaisesRegex(ValueError, r"truncated.pth: not a checkpoint or truncated"):
+            build_model(self.cfg(["MODEL.HRNET.PRETRAINED", bad]))
+        with self.assertRaisesRegex(ValueError, r"truncated.pth"):
+            SafeCheckpointer(build_model(self.cfg())).load(bad)
+
+    def test_malicious_pickles_are_refused_and_run_nothing(self):
+        for ext in (".pth", ".pkl"):
+            with self.subTest(ext=ext):
+                marker = self.path(f"pwned{ext}.txt")
+                evil = self.path(f"evil{ext}")
+                if ext == ".pth":
+                    torch.save({"model": {"x": torch.zeros(1)}, "payload": _Payload(marker)}, evil)
+                else:
+                    with open(evil, "wb") as f:
+                        pickle.dump({"model": {}, "__author__": "x", "p": _Payload(marker)}, f)
+                with self.assertRaisesRegex(ValueError, r"refused, the file .*would run code"):
+                    SafeCheckpointer(build_model(self.cfg())).load(evil)
+                with self.assertRaisesRegex(ValueError, "refused"):
+                    build_model(self.cfg(["MODEL.HRNET.PRETRAINED", evil]))
+                with self.assertRaisesRegex(ValueError, "refused"):
+                    convert(evil, self.path("y.safetensors"), 18)
+                self.assertFalse(os.path.exists(marker), "unpickling ran the payload")
+
+    def test_numpy_model_zoo_pkl_still_loads(self):
+        sd = {"backbone.bottom_up.trunk." + k: v.numpy() for k, v in self.w18.state_dict().items()}
+        zoo = self.path("zoo.pkl")
+        with open(zoo, "wb") as f:
+            pickle.dump({"model": sd, "__author__": "test"}, f)
+        self.assertIn("model", load_tensor_file(zoo))
+        model = build_model(self.cfg())
+        SafeCheckpointer(model).load(zoo)
+        self.assert_trunk_equals_timm(model)
