@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json, register_coco_instances
+from detectron2.data.datasets import load_coco_json
 from detectron2.utils import comm
 from tqdm import tqdm
 
@@ -29,6 +29,7 @@ __all__ = [
     "register_shapes",
     "register_coco_json",
     "register_from_cfg",
+    "validate_coco_json",
     "check_datasets",
 ]
 
@@ -256,14 +257,29 @@ def ensure_shapes(root: Optional[str] = None, splits: Sequence[str] = tuple(SHAP
             generate_shapes(out, split, num, seed)
 
 
+def load_coco_instances(json_file: str, image_root: str, name: str) -> List[dict]:
+    """detectron2's ``load_coco_json``, plus: instances whose segmentation is empty are dropped too
+    (detectron2 keeps them without a mask, which breaks mask training), with one counted warning."""
+    dicts = load_coco_json(json_file, image_root, name)
+    dropped = 0
+    for d in dicts:
+        kept = [a for a in d.get("annotations", []) if "segmentation" in a]
+        dropped += len(d.get("annotations", [])) - len(kept)
+        d["annotations"] = kept
+    if dropped:
+        logger.warning("%s: dropped %d instances with an empty segmentation", json_file, dropped)
+    return dicts
+
+
 def register_coco_json(name: str, json_file: str, image_root: str) -> None:
-    """Register a COCO-format instance dataset under ``name`` (detectron2's loader and metadata)."""
+    """Register a COCO-format instance dataset under ``name`` (loader + metadata for COCOEvaluator)."""
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
         if getattr(meta, "json_file", None) == json_file and getattr(meta, "image_root", None) == image_root:
             return
         raise ValueError(f"Dataset {name!r} is already registered with other files; pick another name")
-    register_coco_instances(name, {}, json_file, image_root)
+    DatasetCatalog.register(name, lambda: load_coco_instances(json_file, image_root, name))
+    MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
 
 
 def register_shapes(root: Optional[str] = None) -> None:
@@ -275,7 +291,7 @@ def register_shapes(root: Optional[str] = None) -> None:
 
         def load(split=split, json_file=json_file, image_root=image_root, name=name):
             ensure_shapes(root, [split])
-            return load_coco_json(json_file, image_root, name)
+            return load_coco_instances(json_file, image_root, name)
 
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
@@ -297,6 +313,35 @@ def register_from_cfg(cfg) -> None:
                 f"DATASETS.REGISTER_COCO[{i}] = {entry!r}; each entry must be [name, json_file, image_root]"
             )
         register_coco_json(*entry)
+
+
+def validate_coco_json(json_file: str, image_root: str) -> None:
+    """Raise ValueError naming the file and the entry for: a file that is not JSON, an annotation
+    whose category id is not in ``categories``, an annotation of an unknown image, or an image file
+    that does not exist. (Degenerate polygons are dropped by detectron2's loader with one warning
+    that counts them; image sizes are checked against the annotation when images are read.)"""
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_file} is not valid JSON: {e}") from e
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{json_file} is not a COCO instances file: no '{key}' list")
+    cat_ids = {c["id"] for c in data["categories"]}
+    images = {img["id"]: img for img in data["images"]}
+    for ann in data["annotations"]:
+        if ann.get("category_id") not in cat_ids:
+            raise ValueError(
+                f"{json_file}: annotation id {ann.get('id')} has category_id {ann.get('category_id')}, "
+                f"which is not in 'categories' (ids {sorted(cat_ids)})"
+            )
+        if ann.get("image_id") not in images:
+            raise ValueError(f"{json_file}: annotation id {ann.get('id')} names unknown image_id {ann.get('image_id')}")
+    for img in data["images"]:
+        path = os.path.join(image_root, img["file_name"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{json_file}: image id {img['id']} names {path}, which does not exist")
 
 
 def check_datasets(cfg) -> None:
@@ -323,6 +368,8 @@ def check_datasets(cfg) -> None:
                     "coco/{train,val}2017/ there (see datasets/README.md), for the shapes set run "
                     "`python -m cbam_hrnet_d2.data`, for other data fix DATASETS.REGISTER_COCO."
                 )
+        if getattr(meta, "json_file", None) and comm.is_main_process():
+            validate_coco_json(meta.json_file, meta.image_root)
 
 
 register_shapes()

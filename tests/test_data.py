@@ -73,3 +73,63 @@ class TestShapesGenerator(unittest.TestCase):
             data = json.load(f)
         for img in data["images"]:
             self.assertTrue(os.path.isfile(os.path.join(self.a, "val", img["file_name"])))
+
+
+class TestDatasetFaults(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.json = generate_shapes(self.tmp.name, "val", 3, seed=3)
+        self.root = os.path.join(self.tmp.name, "val")
+        with open(self.json) as f:
+            self.data = json.load(f)
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def write(self, data):
+        with open(self.json, "w") as f:
+            json.dump(data, f)
+
+    def test_valid_file_passes(self):
+        from cbam_hrnet_d2.data import validate_coco_json
+
+        validate_coco_json(self.json, self.root)
+
+    def test_not_json_names_the_file(self):
+        from cbam_hrnet_d2.data import validate_coco_json
+
+        with open(self.json, "w") as f:
+            f.write("{not json")
+        with self.assertRaisesRegex(ValueError, r"val.json is not valid JSON"):
+            validate_coco_json(self.json, self.root)
+
+    def test_unknown_category_names_file_and_annotation(self):
+        from cbam_hrnet_d2.data import validate_coco_json
+
+        self.data["annotations"][1]["category_id"] = 42
+        self.write(self.data)
+        ann_id = self.data["annotations"][1]["id"]
+        with self.assertRaisesRegex(ValueError, rf"val.json: annotation id {ann_id} has category_id 42"):
+            validate_coco_json(self.json, self.root)
+
+    def test_missing_image_names_file_and_image(self):
+        from cbam_hrnet_d2.data import validate_coco_json
+
+        os.remove(os.path.join(self.root, "000001.png"))
+        with self.assertRaisesRegex(FileNotFoundError, r"val.json: image id 2 names .*000001.png"):
+            validate_coco_json(self.json, self.root)
+
+    def test_degenerate_polygons_are_dropped_with_one_counted_warning(self):
+        from cbam_hrnet_d2.data import load_coco_instances
+
+        self.data["annotations"][0]["segmentation"] = [[1.0, 2.0, 3.0, 4.0]]
+        self.data["annotations"][1]["segmentation"] = []
+        self.write(self.data)
+        with self.assertLogs(level="WARNING") as logs:
+            dicts = load_coco_instances(self.json, self.root, "faulty")
+        text = "\n".join(logs.output)
+        self.assertRegex(text, r"Filtered out 1 instances without valid segmentation")
+        self.assertRegex(text, r"dropped 1 instances with an empty segmentation")
+        self.assertTrue(all("segmentation" in a for d in dicts for a in d["annotations"]))
+        kept = sum(len(d["annotations"]) for d in dicts)
+        self.assertEqual(kept, len(self.data["annotations"]) - 2)

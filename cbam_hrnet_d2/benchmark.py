@@ -1,0 +1,192 @@
+"""Measure models on this machine, always next to detectron2's own R50-FPN Mask R-CNN:
+
+    python -m cbam_hrnet_d2.benchmark --configs configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml \
+        --size 800 1216 --iters 5 --train-batch 2 --out output/benchmark
+
+Per config: parameters; GMAC of backbone+FPN and of the whole model (fvcore); batch-1 eval latency
+(median of N after a warm-up) of backbone+FPN, of the bare trunk, and of the whole model with the
+proposal and detection counts fixed (every score kept, box deltas zeroed, so random-init models do the
+same work); training s/iter and peak RSS at --train-batch (in a fresh process each); achieved GMAC/s
+of the trunk as a fraction of the fp32 matmul peak measured in the same run. Writes benchmark.md
+and benchmark.json.
+"""
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from detectron2 import model_zoo
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.analysis import FlopCountAnalysis
+from detectron2.utils.events import EventStorage
+from fvcore.nn import FlopCountAnalysis as TensorFlopCount
+from tabulate import tabulate
+
+from .config import add_cbam_hrnet_config
+
+logger = logging.getLogger(__name__)
+
+REFERENCE = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
+
+
+def load_cfg(config: str, opts: Sequence[str] = ()):
+    cfg = get_cfg()
+    add_cbam_hrnet_config(cfg)
+    path = model_zoo.get_config_file(config) if config == REFERENCE else config
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    return cfg
+
+
+def _fixed_work_model(cfg):
+    """An eval model whose heads always see the same number of boxes."""
+    model = build_model(cfg).eval()
+    predictor = model.roi_heads.box_predictor
+    predictor.test_score_thresh = 0.0
+    torch.nn.init.zeros_(predictor.bbox_pred.weight)
+    torch.nn.init.zeros_(predictor.bbox_pred.bias)
+    return model
+
+
+def _median_seconds(fn: Callable[[], object], iters: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_gmacs(n: int = 2048, iters: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    sec = _median_seconds(lambda: torch.mm(a, b), iters)
+    return n**3 / sec / 1e9
+
+
+def _synthetic_batch(batch: int, h: int, w: int, num_instances: int = 8):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(batch):
+        inst = Instances((h, w))
+        xy = torch.rand(num_instances, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+        wh = torch.rand(num_instances, 2, generator=g) * torch.tensor([w * 0.25, h * 0.25]) + 32
+        boxes = torch.cat([xy, xy + wh], 1)
+        masks = torch.zeros(num_instances, h, w, dtype=torch.bool)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
+            masks[i, y0:y1, x0:x1] = True
+        inst.gt_boxes, inst.gt_masks = Boxes(boxes), BitMasks(masks)
+        inst.gt_classes = torch.randint(0, 3, (num_instances,), generator=g)
+        out.append({"image": torch.rand(3, h, w, generator=g) * 255, "instances": inst})
+    return out
+
+
+def _train_worker(config: str, opts: List[str], batch: int, h: int, w: int, iters: int, threads: int, queue):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = load_cfg(config, opts)
+    model = build_model(cfg).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    data = _synthetic_batch(batch, h, w)
+    times = []
+    with EventStorage():
+        for i in range(iters + 1):
+            start = time.perf_counter()
+            loss = sum(model(data).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i > 0:
+                times.append(time.perf_counter() - start)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"train_s_per_iter": statistics.median(times), "train_peak_rss_mib": peak_mib})
+
+
+def measure_training(config, opts, batch, h, w, iters, threads) -> Dict[str, float]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_train_worker, args=(config, list(opts), batch, h, w, iters, threads, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def measure(config: str, h: int, w: int, iters: int, train_batch: int, train_iters: int,
+            threads: int, opts: Sequence[str] = ()) -> Dict[str, float]:
+    torch.manual_seed(0)
+    cfg = load_cfg(config, opts)
+    model = _fixed_work_model(cfg)
+    image = torch.rand(3, h, w) * 255
+    x = model.preprocess_image([{"image": image}]).tensor
+    trunk = getattr(model.backbone, "bottom_up", model.backbone)
+    row: Dict[str, float] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    with torch.inference_mode():
+        row["backbone_fpn_GMAC"] = TensorFlopCount(model.backbone, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total() / 1e9
+        row["trunk_GMAC"] = TensorFlopCount(trunk, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False).total() / 1e9
+        flops = FlopCountAnalysis(model, [{"image": image}])
+        row["model_GMAC"] = flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total() / 1e9
+        row["backbone_fpn_s"] = _median_seconds(lambda: model.backbone(x), iters)
+        row["trunk_s"] = _median_seconds(lambda: trunk(x), iters)
+        row["model_s"] = _median_seconds(lambda: model([{"image": image}]), iters)
+        row["detections"] = len(model([{"image": image}])[0]["instances"])
+    logger.info("  inference done: %s", {k: round(v, 3) for k, v in row.items()})
+    row.update(measure_training(config, opts, train_batch, h, w, train_iters, threads))
+    return row
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from detectron2.utils.logger import setup_logger
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml"])
+    parser.add_argument("--size", nargs=2, type=int, default=[800, 1216], metavar=("H", "W"))
+    parser.add_argument("--iters", type=int, default=5, help="timed inference runs (median)")
+    parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--train-iters", type=int, default=3, help="timed training iterations")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default="output/benchmark")
+    args = parser.parse_args(argv)
+    setup_logger(name="cbam_hrnet_d2")
+    torch.set_num_threads(args.threads)
+    h, w = args.size
+    peak = matmul_peak_gmacs()
+    logger.info("fp32 matmul peak on %d threads: %.1f GMAC/s", args.threads, peak)
+    configs = [REFERENCE] + [c for c in args.configs if c != REFERENCE]
+    rows = {}
+    start = time.time()
+    for i, config in enumerate(configs):
+        eta = (time.time() - start) / i * (len(configs) - i) if i else float("nan")
+        logger.info("[%d/%d] %s (ETA %.0f s)", i + 1, len(configs), config, eta)
+        row = measure(config, h, w, args.iters, args.train_batch, args.train_iters, args.threads)
+        row["trunk_peak_fraction"] = row["trunk_GMAC"] / row["trunk_s"] / peak
+        rows[config] = row
+    ref = rows[REFERENCE]
+    for row in rows.values():
+        row["backbone_fpn_speedup_vs_R50"] = ref["backbone_fpn_s"] / row["backbone_fpn_s"]
+        row["model_speedup_vs_R50"] = ref["model_s"] / row["model_s"]
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"size": [h, w], "threads": args.threads, "matmul_peak_GMACs": peak, "iters": args.iters,
+            "train_batch": args.train_batch, "torch": torch.__version__}
+    with open(os.path.join(args.out, "benchmark.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    table = [{"config": os.path.basename(c), **{k: round(v, 3) for k, v in r.items()}} for c, r in rows.items()]
+    md = (f"Size {h}x{w}, {args.threads} threads, fp32 matmul peak {peak:.1f} GMAC/s, "
+          f"train batch {args.train_batch}\n\n" + tabulate(table, headers="keys", tablefmt="pipe"))
+    with open(os.path.join(args.out, "benchmark.md"), "w") as f:
+        f.write(md + "\n")
+    logger.info("wrote %s\n%s", os.path.join(args.out, "benchmark.md"), md)
+
+
+if __name__ == "__main__":
+    main()
