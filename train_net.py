@@ -10,17 +10,20 @@ Without CUDA it runs on the CPU; ``--num-gpus N`` then starts N CPU processes (g
 """
 import os
 
-import torch
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from cbam_hrnet_d2 import add_cbam_hrnet_config
 from cbam_hrnet_d2.data import check_datasets, register_from_cfg
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
-from cbam_hrnet_d2.engine import build_optimizer, set_cpu_threads, trainer_patches, write_results
+from cbam_hrnet_d2.engine import (
+    build_optimizer,
+    load_config,
+    set_cpu_threads,
+    trainer_patches,
+    write_results,
+)
 
 
 class Trainer(DefaultTrainer):
@@ -48,12 +51,7 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_cbam_hrnet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="cbam_hrnet_d2")

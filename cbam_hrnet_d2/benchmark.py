@@ -22,7 +22,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from detectron2 import model_zoo
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.analysis import FlopCountAnalysis
@@ -30,7 +29,7 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn import FlopCountAnalysis as TensorFlopCount
 from tabulate import tabulate
 
-from .config import add_cbam_hrnet_config
+from .engine import load_config
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +37,8 @@ REFERENCE = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
 
 
 def load_cfg(config: str, opts: Sequence[str] = ()):
-    cfg = get_cfg()
-    add_cbam_hrnet_config(cfg)
     path = model_zoo.get_config_file(config) if config == REFERENCE else config
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(path, opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     return cfg

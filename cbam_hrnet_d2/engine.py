@@ -3,10 +3,11 @@ import contextlib
 import json
 import logging
 import os
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Sequence
 from unittest import mock
 
 import torch
+from detectron2.config import get_cfg
 from detectron2.engine import defaults
 from detectron2.solver import build_optimizer as build_sgd_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
@@ -14,12 +15,25 @@ from detectron2.utils import comm
 from tabulate import tabulate
 
 from .checkpoint import SafeCheckpointer
+from .config import add_cbam_hrnet_config
 
-__all__ = ["build_optimizer", "trainer_patches", "set_cpu_threads", "write_results"]
+__all__ = ["load_config", "build_optimizer", "trainer_patches", "set_cpu_threads", "write_results"]
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("SGD", "AdamW")
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()):
+    """``get_cfg()`` + :func:`add_cbam_hrnet_config` + the YAML + ``KEY VALUE`` overrides; without
+    CUDA, MODEL.DEVICE becomes "cpu". Returned unfrozen."""
+    cfg = get_cfg()
+    add_cbam_hrnet_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:

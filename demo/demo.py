@@ -7,7 +7,6 @@
 """
 import argparse
 import glob
-import logging
 import os
 import sys
 import time
@@ -15,27 +14,20 @@ from typing import List, Tuple
 
 import cv2
 import numpy as np
-import torch
 import tqdm
-from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 from PIL import Image, ImageOps
 from predictor import VisualizationDemo
 
 import cbam_hrnet_d2.data  # noqa: F401  (registers shapes_* metadata: class names)
-from cbam_hrnet_d2 import add_cbam_hrnet_config
+from cbam_hrnet_d2.engine import load_config
 
 WINDOW_NAME = "CBAM-HRNet detections"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_cbam_hrnet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_config(args.config_file, args.opts)  # add_cbam_hrnet_config before the YAML
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = args.confidence_threshold

@@ -2,10 +2,7 @@
 import glob
 import os
 
-import torch
-from detectron2.config import get_cfg
-
-from cbam_hrnet_d2 import add_cbam_hrnet_config
+from cbam_hrnet_d2.engine import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -19,11 +16,5 @@ def collect_config_files():
 
 
 def get_config(config_file=DEFAULT_CONFIG, opts=()):
-    """A frozen-free cfg from ``config_file`` with ``opts`` merged, on CPU."""
-    cfg = get_cfg()
-    add_cbam_hrnet_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    return cfg
+    """An unfrozen cfg from ``config_file`` with ``opts`` merged, on CPU when CUDA is absent."""
+    return load_config(config_file, opts)

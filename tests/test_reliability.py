@@ -1,0 +1,74 @@
+"""Failure behaviour: SIGKILL during training (checkpoint writes included) and non-finite losses."""
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from cbam_hrnet_d2.checkpoint import load_tensor_file
+
+from .test_training import TrainingTestCase, run_train_net
+
+
+def _assert_checkpoints_loadable(test, out):
+    last = os.path.join(out, "last_checkpoint")
+    if not os.path.exists(last):
+        return None
+    name = open(last).read().strip()
+    data = load_tensor_file(os.path.join(out, name))  # raises if truncated
+    test.assertIn("model", data)
+    for f in os.listdir(out):
+        if f.endswith(".pth") and not f.startswith("."):
+            load_tensor_file(os.path.join(out, f))
+    return name
+
+
+@pytest.mark.slow
+class TestKilledTraining(TrainingTestCase):
+    def test_repeated_sigkill_never_leaves_a_broken_checkpoint_and_resume_finishes(self):
+        out = self.out("killed")
+        opts = self.data_opts + ["OUTPUT_DIR", out, "SOLVER.MAX_ITER", 12, "SOLVER.CHECKPOINT_PERIOD", 1,
+                                 "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
+        rng = random.Random(0)
+        kills = 0
+        for attempt in range(8):
+            proc = run_train_net((["--resume"] if attempt else []) + opts, wait=False)
+            # wait until training is under way (a checkpoint newer than the last one), then kill
+            # at a random moment, often in the middle of a checkpoint write
+            before = _assert_checkpoints_loadable(self, out)
+            deadline = time.time() + 240
+            while proc.poll() is None and time.time() < deadline:
+                now = open(os.path.join(out, "last_checkpoint")).read().strip() if os.path.exists(
+                    os.path.join(out, "last_checkpoint")) else None
+                if now != before:
+                    time.sleep(rng.uniform(0.0, 1.5))
+                    break
+                time.sleep(0.02)
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            _assert_checkpoints_loadable(self, out)
+        self.assertGreaterEqual(kills, 4)
+        proc = run_train_net(["--resume"] + opts)
+        self.assertEqual(proc.returncode, 0, proc.stdout[-3000:] + proc.stderr[-3000:])
+        self.assertEqual(_assert_checkpoints_loadable(self, out), "model_final.pth")
+        self.assertEqual(load_tensor_file(os.path.join(out, "model_final.pth"))["iteration"], 11)
+
+
+class TestNonFiniteLoss(TrainingTestCase):
+    def test_nan_loss_stops_training_naming_iteration_and_keeps_last_checkpoint(self):
+        out = self.out("nan")
+        proc = run_train_net(
+            self.data_opts + ["OUTPUT_DIR", out, "SOLVER.BASE_LR", 1e12, "SOLVER.MAX_ITER", 30,
+                              "SOLVER.CHECKPOINT_PERIOD", 1, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
+        )
+        self.assertNotEqual(proc.returncode, 0)
+        log = proc.stdout + proc.stderr
+        self.assertRegex(log, r"Loss became infinite or NaN at iteration=\d+")
+        self.assertRegex(log, r"loss_dict = \{.*(nan|inf)")
+        self.assertFalse(os.path.exists(os.path.join(out, "model_final.pth")))
+        name = _assert_checkpoints_loadable(self, out)
+        self.assertIsNotNone(name)
