@@ -99,9 +99,18 @@ def write_image_atomic(path: str, image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _heatmap(image: np.ndarray, spatial: np.ndarray) -> np.ndarray:
-    colour = cv2.applyColorMap((spatial * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    return cv2.addWeighted(image, 0.45, colour, 0.55, 0)
+def _heatmap(image: np.ndarray, spatial: np.ndarray, site: str) -> np.ndarray:
+    """Overlay of the map stretched to its own [min, max] (written on the picture: maps of deep
+    branches often vary little around a high or low mean)."""
+    lo, hi = float(spatial.min()), float(spatial.max())
+    norm = (spatial - lo) / max(hi - lo, 1e-6)
+    colour = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    out = cv2.addWeighted(image, 0.45, colour, 0.55, 0)
+    label = f"{site} {lo:.2f}-{hi:.2f}"
+    scale = max(0.35, image.shape[1] / 600)
+    cv2.putText(out, label, (4, int(16 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3)
+    cv2.putText(out, label, (4, int(16 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1)
+    return out
 
 
 def write_attention(out_stem: str, image: np.ndarray, maps: dict) -> List[str]:
@@ -114,7 +123,7 @@ def write_attention(out_stem: str, image: np.ndarray, maps: dict) -> List[str]:
     written = []
     for site, m in maps.items():
         path = f"{out_stem}_attention_{site}.png"
-        write_image_atomic(path, _heatmap(image, m["spatial"]))
+        write_image_atomic(path, _heatmap(image, m["spatial"], site))
         written.append(path)
     fig, axes = plt.subplots(len(maps), 1, figsize=(8, 1.6 * len(maps)), squeeze=False)
     for ax, (site, m) in zip(axes[:, 0], maps.items()):
