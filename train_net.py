@@ -31,6 +31,17 @@ class Trainer(DefaultTrainer):
         with trainer_patches():
             super().__init__(cfg)
 
+    def run_step(self):
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            # detectron2 names the iteration and the loss terms when a loss is non-finite, but not
+            # when predictions are: say where training stopped either way.
+            raise FloatingPointError(
+                f"Training stopped at iteration {self.iter}: {e} The last checkpoint in "
+                f"{self.cfg.OUTPUT_DIR} is intact; resume with a lower SOLVER.BASE_LR."
+            ) from e
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
