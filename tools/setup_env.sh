@@ -16,19 +16,21 @@ fi
 echo "[setup] creating/updating $VENV (first time: a few minutes)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 VPY="$VENV/bin/python"
-"$VPY" -m pip install -q --upgrade "pip<26"
-"$VPY" -m pip install -q -r requirements.txt
+# pip, minus the warnings about this machine's local package mirrors that do not exist
+pip_q() { "$VPY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+pip_q install -q --upgrade "pip<26"
+pip_q install -q -r requirements.txt
 # detectron2: the wheel is tagged cp310 only but is pure Python apart from an optional _C extension.
 if ! "$VPY" -c "import importlib.metadata as m; assert m.version('sal-detectron2') == '$D2_VERSION'" 2>/dev/null; then
   tmp=$(mktemp -d)
-  "$VPY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.10 \
+  pip_q download -q --no-deps --only-binary=:all: --python-version 3.10 \
     "sal-detectron2==$D2_VERSION" -d "$tmp"
   whl=$(ls "$tmp"/sal_detectron2-*.whl | head -n 1)
   mv "$whl" "$tmp/sal_detectron2-$D2_VERSION-py3-none-any.whl"
   # --no-deps: its declared requirements are pinned in requirements.txt already.
-  "$VPY" -m pip install -q --no-deps "$tmp/sal_detectron2-$D2_VERSION-py3-none-any.whl"
+  pip_q install -q --no-deps "$tmp/sal_detectron2-$D2_VERSION-py3-none-any.whl"
   rm -rf "$tmp"
 fi
-"$VPY" -m pip install -q --no-deps -e .
+pip_q install -q --no-deps -e .
 "$VPY" -c "import detectron2, timm, torch, cbam_hrnet_d2; print('[setup] ok: torch', torch.__version__, 'detectron2', detectron2.__version__, 'timm', timm.__version__)"
 echo "$want" > "$STAMP"
