@@ -138,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--out", required=True, help="output file; .safetensors preferred")
     parser.add_argument("--width", type=int, default=18, choices=sorted(HRNET_WIDTHS))
     args = parser.parse_args(argv)
-    setup_logger(name="cbam_hrnet_d2")
+    setup_logger(name=logger.name)
     report = convert(args.src, args.out, args.width)
     logger.info(
         "Wrote %s: %d trunk tensors; trunk tensors not in the source: %s; source tensors dropped: %s",

@@ -383,7 +383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--splits", nargs="+", default=list(SHAPES_SPLITS), choices=list(SHAPES_SPLITS))
     parser.add_argument("--force", action="store_true", help="regenerate existing splits")
     args = parser.parse_args(argv)
-    setup_logger(name=__name__.split(".")[0])
+    setup_logger(name=logger.name)
     out = shapes_root(args.out)
     for split in args.splits:
         if args.force or not os.path.isfile(os.path.join(out, f"{split}.json")):
