@@ -138,7 +138,8 @@ def _train_worker(config: str, opts: List[str], batch: int, h: int, w: int, iter
     model = build_model(cfg)
     calibrate_norm_statistics(model.backbone, torch.rand(1, 3, h, w) * 2 - 1)
     model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    # lr 0: the same work per step, and random-init weights cannot diverge between timed steps
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
     data = _synthetic_batch(batch, h, w)
     times = []
     with EventStorage():
@@ -159,9 +160,10 @@ def measure_training(config, opts, batch, h, w, iters, threads) -> Dict[str, flo
     queue = ctx.Queue()
     proc = ctx.Process(target=_train_worker, args=(config, list(opts), batch, h, w, iters, threads, queue))
     proc.start()
-    result = queue.get()
     proc.join()
-    return result
+    if proc.exitcode != 0 or queue.empty():
+        raise RuntimeError(f"training measurement of {config} failed (exit code {proc.exitcode}); see the log above")
+    return queue.get()
 
 
 def measure(config: str, h: int, w: int, iters: int, train_batch: int, train_iters: int,
