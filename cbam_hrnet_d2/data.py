@@ -255,6 +255,8 @@ def ensure_shapes(root: Optional[str] = None, splits: Sequence[str] = tuple(SHAP
             num, seed = SHAPES_SPLITS[split]
             logger.info("Generating shapes_%s (%d images) in %s", split, num, out)
             generate_shapes(out, split, num, seed)
+        else:
+            logger.info("shapes_%s is in %s (`python -m cbam_hrnet_d2.data --force` regenerates)", split, out)
 
 
 def load_coco_instances(json_file: str, image_root: str, name: str) -> List[dict]:
@@ -384,14 +386,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--force", action="store_true", help="regenerate existing splits")
     args = parser.parse_args(argv)
     setup_logger(name=logger.name)
-    out = shapes_root(args.out)
-    for split in args.splits:
-        if args.force or not os.path.isfile(os.path.join(out, f"{split}.json")):
-            num, seed = SHAPES_SPLITS[split]
-            generate_shapes(out, split, num, seed)
-        else:
-            logger.info("%s exists; use --force to regenerate", os.path.join(out, f"{split}.json"))
-
+    if args.force:
+        for split in args.splits:
+            generate_shapes(shapes_root(args.out), split, *SHAPES_SPLITS[split])
+    ensure_shapes(args.out, args.splits)
 
 if __name__ == "__main__":
     main()

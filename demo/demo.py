@@ -141,6 +141,13 @@ def write_attention(out_stem: str, image: np.ndarray, maps: dict) -> List[str]:
     return written + [path]
 
 
+def _many_inputs(args) -> bool:
+    """Several images (or a directory or glob of them): --output is then a directory."""
+    return bool(args.input) and (
+        len(args.input) > 1 or any(os.path.isdir(p) or any(c in p for c in "*?[") for p in args.input)
+    )
+
+
 def _output_path(args, path: str, many: bool) -> str:
     if many or os.path.isdir(args.output):
         return os.path.join(args.output, os.path.basename(path))
@@ -148,7 +155,7 @@ def _output_path(args, path: str, many: bool) -> str:
 
 
 def run_images(demo: VisualizationDemo, args, paths: List[str], logger) -> int:
-    many = len(paths) > 1 or (args.input and any(os.path.isdir(p) for p in args.input))
+    many = len(paths) > 1 or _many_inputs(args)
     failed = 0
     for path in tqdm.tqdm(paths, disable=not args.output, unit="img", desc="demo"):
         try:
@@ -213,8 +220,7 @@ def _prepare_output(args) -> Tuple[bool, str]:
     """Create the output directory up front; returns (ok, message)."""
     if not args.output:
         return True, ""
-    many = args.input and (len(args.input) > 1 or any(os.path.isdir(p) or "*" in p for p in args.input))
-    target = args.output if many or args.output.endswith(os.sep) else os.path.dirname(args.output)
+    target = args.output if _many_inputs(args) or args.output.endswith(os.sep) else os.path.dirname(args.output)
     if not target:
         return True, ""
     try:

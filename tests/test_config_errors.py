@@ -51,3 +51,29 @@ class TestBadValues(unittest.TestCase):
         # yacs reports command-line typos with an AssertionError
         with self.assertRaisesRegex(AssertionError, "MODEL.HRNET.WIDHT"):
             get_config(opts=["MODEL.HRNET.WIDHT", 32])
+
+
+class TestBadTrainingValues(unittest.TestCase):
+    def test_unknown_optimizer_names_key_value_and_allowed_values(self):
+        from detectron2.modeling import build_model
+
+        from cbam_hrnet_d2.engine import build_optimizer
+
+        cfg = get_config(opts=["SOLVER.OPTIMIZER", "Lion"])
+        with self.assertRaisesRegex(ValueError, r"SOLVER.OPTIMIZER = 'Lion'.*\['SGD', 'AdamW'\]"):
+            build_optimizer(cfg, build_model(cfg))
+
+    def test_register_coco_entry_of_wrong_length_names_the_entry(self):
+        from cbam_hrnet_d2.data import register_from_cfg
+
+        cfg = get_config(opts=["DATASETS.REGISTER_COCO", "[['only_a_name', 'a.json']]"])
+        with self.assertRaisesRegex(ValueError, r"DATASETS.REGISTER_COCO\[0\].*\[name, json_file, image_root\]"):
+            register_from_cfg(cfg)
+
+    def test_reregistering_a_name_with_other_files_is_refused(self):
+        from cbam_hrnet_d2.data import register_coco_json
+
+        register_coco_json("twice_test", "/x/a.json", "/x/img")
+        register_coco_json("twice_test", "/x/a.json", "/x/img")  # same files: fine
+        with self.assertRaisesRegex(ValueError, r"'twice_test' is already registered with other files"):
+            register_coco_json("twice_test", "/y/b.json", "/y/img")
