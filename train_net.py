@@ -17,7 +17,9 @@ from detectron2.utils.logger import setup_logger
 
 from cbam_hrnet_d2.data import check_datasets, register_from_cfg
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
+from cbam_hrnet_d2.resume import capture_rng_state, prepare_exact_resume
 from cbam_hrnet_d2.engine import (
+    MemoryMonitor,
     build_optimizer,
     load_config,
     set_cpu_threads,
@@ -31,6 +33,17 @@ class Trainer(DefaultTrainer):
         with trainer_patches():
             super().__init__(cfg)
 
+    def state_dict(self):
+        return {**super().state_dict(), "rng": capture_rng_state()}
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._resume_rng = state_dict.get("rng")
+
+    def train(self):
+        prepare_exact_resume(self, self.cfg, getattr(self, "_resume_rng", None))
+        return super().train()
+
     def run_step(self):
         try:
             super().run_step()
@@ -41,6 +54,12 @@ class Trainer(DefaultTrainer):
                 f"Training stopped at iteration {self.iter}: {e} The last checkpoint in "
                 f"{self.cfg.OUTPUT_DIR} is intact; resume with a lower SOLVER.BASE_LR."
             ) from e
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        # before the PeriodicWriter (last on the main process), so the RSS reaches metrics.json
+        hooks.insert(len(hooks) - 1 if comm.is_main_process() else len(hooks), MemoryMonitor())
+        return hooks
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -38,6 +38,11 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # [name, json_file, image_root]; the names can then be used in DATASETS.TRAIN / DATASETS.TEST.
     _C.DATASETS.REGISTER_COCO = []
 
+    # On --resume, replay the training data stream up to the resumed iteration and restore the RNG
+    # states saved in the checkpoint, so the run continues exactly as if never stopped (needs SEED
+    # >= 0; exact for one process). Costs one pass of data loading over the iterations already done.
+    _C.DATALOADER.EXACT_RESUME = False
+
     # Optimizer. Options: "SGD" (detectron2's, with SOLVER.MOMENTUM), "AdamW" (betas 0.9/0.999, for
     # training from scratch, e.g. the CPU shapes recipe). Both use SOLVER.BASE_LR and WEIGHT_DECAY*.
     _C.SOLVER.OPTIMIZER = "SGD"

@@ -6,9 +6,10 @@ import os
 from typing import Dict, Iterator, Sequence
 from unittest import mock
 
+import psutil
 import torch
 from detectron2.config import get_cfg
-from detectron2.engine import defaults
+from detectron2.engine import HookBase, defaults
 from detectron2.solver import build_optimizer as build_sgd_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -17,7 +18,14 @@ from tabulate import tabulate
 from .checkpoint import SafeCheckpointer
 from .config import add_cbam_hrnet_config
 
-__all__ = ["load_config", "build_optimizer", "trainer_patches", "set_cpu_threads", "write_results"]
+__all__ = [
+    "load_config",
+    "build_optimizer",
+    "trainer_patches",
+    "set_cpu_threads",
+    "write_results",
+    "MemoryMonitor",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +109,51 @@ def write_results(results: Dict[str, Dict[str, Dict[str, float]]], output_dir: s
             f.write(text)
         os.replace(path + ".tmp", path)
     logger.info("AP tables written to %s", os.path.join(output_dir, "ap_tables.md"))
+
+
+def rss_mib() -> Dict[str, float]:
+    """Resident memory of this process and of this process plus its children (data-loader workers)."""
+    proc = psutil.Process()
+    own = proc.memory_info().rss
+    children = 0
+    for child in proc.children(recursive=True):
+        try:
+            children += child.memory_info().rss
+        except psutil.Error:  # a worker that exited meanwhile
+            pass
+    return {"rss_mib": own / 2**20, "rss_with_workers_mib": (own + children) / 2**20}
+
+
+class MemoryMonitor(HookBase):
+    """Every ``period`` iterations put the RSS of the trainer (and with its data-loader workers) into
+    the event storage (metrics.json); log it at the start and end of training, with the peak."""
+
+    def __init__(self, period: int = 20):
+        self._period = period
+        self._first = None
+        self._peak = {}
+
+    def _sample(self) -> Dict[str, float]:
+        now = rss_mib()
+        for k, v in now.items():
+            self._peak[k] = max(self._peak.get(k, 0.0), v)
+        return now
+
+    def after_step(self):
+        it = self.trainer.iter
+        if it == self.trainer.start_iter or (it + 1) % self._period == 0 or it == self.trainer.max_iter - 1:
+            now = self._sample()
+            if self._first is None:
+                self._first = now
+                logger.info("RSS after the first iteration: %s", _fmt(now))
+            for k, v in now.items():
+                self.trainer.storage.put_scalar(k, v, smoothing_hint=False)
+
+    def after_train(self):
+        if self._first is not None:
+            logger.info("RSS at the end: %s; peak seen: %s; after the first iteration: %s",
+                        _fmt(self._sample()), _fmt(self._peak), _fmt(self._first))
+
+
+def _fmt(sample: Dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in sample.items())

@@ -1,10 +1,12 @@
 """Failure behaviour: SIGKILL during training (checkpoint writes included) and non-finite losses."""
 import os
 import random
+import shutil
 import signal
 import time
 
 import pytest
+import torch
 
 from cbam_hrnet_d2.checkpoint import load_tensor_file
 
@@ -60,6 +62,50 @@ class TestKilledTraining(TrainingTestCase):
         last = _assert_checkpoints_loadable(self, out)
         self.assertIn(last, ("model_final.pth", "model_0000011.pth"))
         self.assertEqual(load_tensor_file(os.path.join(out, last))["iteration"], 11)
+
+
+class TestExactResume(TrainingTestCase):
+    def test_killed_and_resumed_run_ends_with_the_same_weights_as_a_straight_run(self):
+        common = self.data_opts + ["SEED", 7, "DATALOADER.NUM_WORKERS", 0, "DATALOADER.EXACT_RESUME", True,
+                                   "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 3,
+                                   "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
+        straight = self.out("straight")
+        proc = run_train_net(common + ["OUTPUT_DIR", straight])
+        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+
+        resumed = self.out("resumed")
+        os.makedirs(resumed)
+        proc = run_train_net(common + ["OUTPUT_DIR", resumed], wait=False)
+        last = os.path.join(resumed, "last_checkpoint")
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            if os.path.exists(last) and open(last).read().strip() == "model_0000002.pth":
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        proc.wait()
+        self.assertEqual(proc.returncode, -signal.SIGKILL, "training ended before it could be killed")
+        self.assertFalse(os.path.exists(os.path.join(resumed, "model_final.pth")))
+        plain = self.out("resumed_without_replay")
+        shutil.copytree(resumed, plain)
+        proc = run_train_net(["--resume"] + common + ["OUTPUT_DIR", resumed])
+        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+        self.assertIn("replayed 3/3 batches", proc.stdout + proc.stderr)
+        # control: detectron2's own resume (data stream and RNGs restart) does not end equal
+        proc = run_train_net(["--resume"] + common + ["OUTPUT_DIR", plain, "DATALOADER.EXACT_RESUME", False])
+        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+
+        final = {d: load_tensor_file(os.path.join(d, "model_final.pth")) for d in (straight, resumed, plain)}
+        a, b, c = final[straight], final[resumed], final[plain]
+        self.assertEqual(a["iteration"], b["iteration"])
+        self.assertEqual(a["model"].keys(), b["model"].keys())
+        different = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+        self.assertEqual(different, [], f"{len(different)} tensors differ")
+        opt_a, opt_b = (x["trainer"]["_trainer"]["optimizer"]["state"] for x in (a, b))
+        self.assertEqual(opt_a.keys(), opt_b.keys())
+        for k in opt_a:
+            self.assertTrue(torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]))
+        self.assertTrue(any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"]))
 
 
 class TestNonFiniteLoss(TrainingTestCase):
