@@ -11,6 +11,7 @@ from torch import nn
 
 from .cbam import CBAM
 from .convert import load_pretrained_trunk
+from .fold_bn import FoldedTrunk
 from .hrnet import (
     HRNET_FEATURES,
     HRNET_NORMS,
@@ -43,6 +44,8 @@ class CBAMHRNet(Backbone):
         cbam_reduction: int = 16,
         cbam_kernel_size: int = 7,
         freeze_at: int = 0,
+        channels_last: bool = False,
+        fold_bn: bool = False,
     ):
         """
         Args:
@@ -53,6 +56,10 @@ class CBAMHRNet(Backbone):
             cbam_reduction (int): CBAM channel MLP reduction ratio.
             cbam_kernel_size (int): CBAM spatial conv kernel size.
             freeze_at (int): freeze the stem (1), + stage1 (2), ... (5 = whole trunk); 0 = nothing.
+            channels_last (bool): keep weights and activations in NHWC memory order (faster convs
+                on CPU; same results).
+            fold_bn (bool): in eval mode without autograd, run a copy of the trunk with BatchNorm
+                folded into the convs (:class:`FoldedTrunk`; same results, trained weights untouched).
         """
         super().__init__()
         self.trunk = build_hrnet_trunk(width, in_channels=in_channels, norm=norm)
@@ -67,6 +74,10 @@ class CBAMHRNet(Backbone):
             }
         )
         self.freeze(freeze_at)
+        self.channels_last = channels_last
+        self._folded = FoldedTrunk() if fold_bn else None
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     @property
     def size_divisibility(self) -> int:
@@ -88,8 +99,13 @@ class CBAMHRNet(Backbone):
             dict[str->Tensor]: hr2..hr5, each (N, C_i, H / s_i, W / s_i).
         """
         assert x.dim() == 4, f"CBAMHRNet takes an input of shape (N, C, H, W). Got {x.shape} instead!"
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        trunk = self.trunk
+        if self._folded is not None and not self.training and not torch.is_grad_enabled():
+            trunk = self._folded.get(self.trunk)
         outputs = {}
-        for name, feature in zip(HRNET_FEATURES, self.trunk(x)):
+        for name, feature in zip(HRNET_FEATURES, trunk(x)):
             if name in self.cbam:
                 feature = self.cbam[name](feature)
             outputs[name] = feature
@@ -170,6 +186,8 @@ def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRN
         cbam_branches=branches,
         cbam_reduction=reduction,
         cbam_kernel_size=kernel,
+        channels_last=cfg.MODEL.HRNET.CHANNELS_LAST,
+        fold_bn=cfg.MODEL.HRNET.FOLD_BN,
     )
     if pretrained and cfg.MODEL.WEIGHTS:
         logger.info(
@@ -240,5 +258,7 @@ def build_cbam_hrnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     else:
         backbone = FPN(**fpn_kwargs)
         sites = list(bottom_up.cbam)
+    if cfg.MODEL.HRNET.CHANNELS_LAST:
+        backbone.to(memory_format=torch.channels_last)  # FPN convs too; outputs stay NHWC
     _log_built(cfg, backbone, sites)
     return backbone

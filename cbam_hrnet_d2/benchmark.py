@@ -91,7 +91,7 @@ def calibrate_norm_statistics(model: torch.nn.Module, x: torch.Tensor) -> None:
         if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d))
     ]
     was_training = model.training
-    with torch.no_grad():
+    with torch.enable_grad():  # with autograd on, MODEL.HRNET.FOLD_BN leaves the BatchNorms in place
         model.eval()(x)
     model.train(was_training)
     for h in handles:

@@ -21,6 +21,11 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # ImageNet HRNet checkpoint (timm .pth/.safetensors, official HRNet .pth, or a converted file)
     # loaded into the trunk at build time; "" = random init. A set MODEL.WEIGHTS wins over it.
     _C.MODEL.HRNET.PRETRAINED = ""
+    # Keep backbone weights and activations channels-last (NHWC): faster convs on CPU, same results.
+    _C.MODEL.HRNET.CHANNELS_LAST = True
+    # In eval mode without autograd, fold the trunk's BatchNorms into its convs (a cached copy,
+    # refreshed when weights change; checkpoints unaffected). No effect with NORM "GN".
+    _C.MODEL.HRNET.FOLD_BN = True
 
     _C.MODEL.CBAM = CN()
     # Add CBAM blocks at all (False = plain HRNet + FPN, the ablation baseline).

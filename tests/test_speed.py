@@ -1,0 +1,141 @@
+"""The speed options (MODEL.HRNET.CHANNELS_LAST, MODEL.HRNET.FOLD_BN) give the plain model's results."""
+import unittest
+
+import torch
+from detectron2.modeling import build_model
+
+from cbam_hrnet_d2.benchmark import FixedWork, calibrate_norm_statistics
+from cbam_hrnet_d2.fold_bn import fold_batchnorm
+
+from .common import get_config
+
+PLAIN = ["MODEL.HRNET.CHANNELS_LAST", False, "MODEL.HRNET.FOLD_BN", False]
+H, W = 160, 224
+
+
+def build_pair(opts=()):
+    """(plain model, model with the speed options on), same weights and BN statistics, eval mode."""
+    torch.manual_seed(0)
+    fast = build_model(get_config(opts=list(opts)))
+    calibrate_norm_statistics(fast.backbone, torch.rand(1, 3, H, W) * 2 - 1)
+    plain = build_model(get_config(opts=list(opts) + PLAIN))
+    plain.load_state_dict(fast.state_dict())
+    return plain.eval(), fast.eval()
+
+
+def assert_close(test, a, b, tol=1e-4):
+    scale = a.abs().max().clamp(min=1.0)
+    test.assertLessEqual(((a - b).abs().max() / scale).item(), tol)
+
+
+class TestSpeedOptionsKeepResults(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.plain, cls.fast = build_pair()
+        cls.x = torch.rand(1, 3, H, W) * 2 - 1
+
+    def test_defaults_are_on_and_weights_are_channels_last(self):
+        cfg = get_config()
+        self.assertTrue(cfg.MODEL.HRNET.CHANNELS_LAST and cfg.MODEL.HRNET.FOLD_BN)
+        w = self.fast.backbone.bottom_up.trunk.conv1.weight
+        self.assertTrue(w.is_contiguous(memory_format=torch.channels_last))
+        self.assertFalse(self.plain.backbone.bottom_up.trunk.conv1.weight.is_contiguous(
+            memory_format=torch.channels_last))
+
+    @staticmethod
+    def box_deltas(model, x):
+        work = FixedWork(model, H, W, 200, 20)
+        roi = model.roi_heads
+        features = model.backbone(x)
+        pooled = roi.box_pooler([features[f] for f in roi.box_in_features], [work.boxes])
+        return roi.box_predictor(roi.box_head(pooled))[1]
+
+    def test_backbone_fpn_and_whole_model_outputs_equal_the_plain_model(self):
+        with torch.no_grad():
+            pa, pb = self.plain.backbone(self.x), self.fast.backbone(self.x)
+            for name in pa:
+                assert_close(self, pa[name], pb[name])
+            sa, ma = FixedWork(self.plain, H, W, 200, 20)(self.x)
+            sb, mb = FixedWork(self.fast, H, W, 200, 20)(self.x)
+            da, db = (self.box_deltas(m, self.x) for m in (self.plain, self.fast))
+        assert_close(self, sa, sb)
+        assert_close(self, ma, mb)
+        assert_close(self, da, db)
+        # the folded copy was really used: it has no BatchNorm left
+        folded = self.fast.backbone.bottom_up._folded._folded
+        self.assertIsNotNone(folded)
+        self.assertFalse(any("BatchNorm" in type(m).__name__ for m in folded.modules()))
+
+    def test_predictions_equal_the_plain_model(self):
+        image = {"image": torch.rand(3, H, W) * 255, "height": H, "width": W}
+        with torch.no_grad():
+            a, b = self.plain([image])[0]["instances"], self.fast([image])[0]["instances"]
+        self.assertEqual(len(a), len(b))
+        self.assertGreater(len(a), 0)
+        assert_close(self, a.scores, b.scores)
+
+        def canonical(inst):
+            # random-init scores tie often; order ties by class and box so that the two lists align
+            rows = torch.cat([inst.scores[:, None].mul(1e3).round(), inst.pred_classes[:, None].float(),
+                              inst.pred_boxes.tensor.round()], 1).tolist()
+            order = sorted(range(len(rows)), key=lambda i: rows[i])
+            return inst.pred_boxes.tensor[order]
+
+        # The network's outputs hold 1e-4 (test above, box deltas included), but decoding amplifies
+        # the ~1e-5 differences through exp() of random-init deltas (up to log(1000/16)): final
+        # boxes of this random model agree within 1% of the image size.
+        self.assertLessEqual((canonical(a) - canonical(b)).abs().max().item(), 1e-2 * max(H, W))
+
+    def test_folded_copy_follows_new_weights(self):
+        plain, fast = build_pair()
+        with torch.no_grad():
+            fast.backbone(self.x)  # builds the folded copy
+            before = fast.backbone.bottom_up._folded._folded
+            state = fast.state_dict()
+            for k in state:
+                if k.endswith("running_var") or k.endswith("conv2.weight"):
+                    state[k] = state[k] * 1.5
+            fast.load_state_dict(state)
+            plain.load_state_dict(state)
+            pa, pb = plain.backbone(self.x), fast.backbone(self.x)
+            rebuilt = fast.backbone.bottom_up._folded._folded
+        for name in pa:
+            self.assertTrue(torch.isfinite(pa[name]).all())
+            assert_close(self, pa[name], pb[name])
+        self.assertIsNot(rebuilt, before)
+
+    def test_autograd_in_eval_mode_uses_the_trainable_trunk(self):
+        _, fast = build_pair()
+        out = fast.backbone(self.x)
+        sum(v.sum() for v in out.values()).backward()
+        self.assertIsNotNone(fast.backbone.bottom_up.trunk.conv1.weight.grad)
+
+    def test_training_mode_outputs_equal_the_plain_model(self):
+        plain, fast = build_pair()
+        plain.train(), fast.train()
+        with torch.no_grad():
+            pa, pb = plain.backbone(self.x), fast.backbone(self.x)
+        for name in pa:
+            assert_close(self, pa[name], pb[name])
+
+
+class TestFoldBatchnorm(unittest.TestCase):
+    def test_counts_and_equality_on_a_conv_bn_pair(self):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        m[1].running_mean.uniform_(-1, 1), m[1].running_var.uniform_(0.5, 2), m[1].weight.data.uniform_(0.5, 2)
+        m.eval()
+        folded, count = fold_batchnorm(m)
+        self.assertEqual(count, 1)
+        self.assertIsInstance(folded[1], torch.nn.Identity)
+        x = torch.randn(2, 3, 9, 9)
+        assert_close(self, m(x), folded(x), 1e-5)
+
+    def test_gn_trunk_is_left_alone(self):
+        plain, fast = build_pair(["MODEL.HRNET.NORM", "GN"])
+        x = torch.rand(1, 3, H, W)
+        with torch.no_grad():
+            pa, pb = plain.backbone(x), fast.backbone(x)
+        self.assertTrue(fast.backbone.bottom_up._folded.disabled)
+        for name in pa:
+            assert_close(self, pa[name], pb[name])
