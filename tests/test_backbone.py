@@ -55,7 +55,9 @@ class TestTrunk(unittest.TestCase):
         self.assertEqual(sorted(model.cbam), ["hr3", "hr5"])
 
     def test_disabled_cbam_gives_bare_trunk_output(self):
-        model = build(TRUNK + ["MODEL.CBAM.ENABLED", False]).eval()
+        # speed options off: in eval mode they would run a BN-folded copy of the trunk
+        plain = ["MODEL.HRNET.CHANNELS_LAST", False, "MODEL.HRNET.FOLD_BN", False]
+        model = build(TRUNK + plain + ["MODEL.CBAM.ENABLED", False]).eval()
         self.assertFalse(any(isinstance(m, CBAM) for m in model.modules()))
         x = torch.rand(1, 3, 64, 64)
         with torch.no_grad():

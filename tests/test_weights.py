@@ -71,7 +71,8 @@ class TestHRNetWeights(unittest.TestCase):
         return os.path.join(cls.tmp.name, name)
 
     def cfg(self, opts=()):
-        return get_config(opts=["MODEL.HRNET.NORM", "BN", *opts])
+        # NCHW like timm, so outputs can be compared bit for bit (channels-last: see test_speed.py)
+        return get_config(opts=["MODEL.HRNET.NORM", "BN", "MODEL.HRNET.CHANNELS_LAST", False, *opts])
 
     def assert_trunk_equals_timm(self, model):
         model.eval()
