@@ -133,3 +133,19 @@ class TestDatasetFaults(unittest.TestCase):
         self.assertTrue(all("segmentation" in a for d in dicts for a in d["annotations"]))
         kept = sum(len(d["annotations"]) for d in dicts)
         self.assertEqual(kept, len(self.data["annotations"]) - 2)
+
+    def test_image_size_differing_from_its_annotation_names_the_file(self):
+        from detectron2.data import DatasetMapper
+        from detectron2.data.detection_utils import SizeMismatchError
+
+        from cbam_hrnet_d2.data import load_coco_instances
+
+        from .common import get_config
+
+        self.data["images"][0]["width"] += 7
+        self.write(self.data)
+        dicts = load_coco_instances(self.json, self.root, "resized")
+        mapper = DatasetMapper(get_config(), is_train=True)
+        mapper(dicts[1])  # an untouched entry maps fine
+        with self.assertRaisesRegex(SizeMismatchError, r"for image .*000000.png"):
+            mapper(dicts[0])
