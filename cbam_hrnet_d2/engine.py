@@ -1,5 +1,6 @@
 """Training helpers used by ``train_net.py``: optimizer choice, CPU multi-process DDP, result files."""
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -111,8 +112,26 @@ def write_results(results: Dict[str, Dict[str, Dict[str, float]]], output_dir: s
     logger.info("AP tables written to %s", os.path.join(output_dir, "ap_tables.md"))
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_stats() -> Dict[str, float]:
+    """glibc's view of this process's heap: bytes in use (a leak grows this) and freed bytes it
+    keeps (fragmentation grows this); empty where glibc's mallinfo2 is not available."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    fn.restype = _MallInfo2
+    info = fn()
+    return {"malloc_in_use_mib": (info.uordblks + info.hblkhd) / 2**20, "malloc_free_held_mib": info.fordblks / 2**20}
+
+
 def rss_mib() -> Dict[str, float]:
-    """Resident memory of this process and of this process plus its children (data-loader workers)."""
+    """Resident memory of this process and of this process plus its children (data-loader workers),
+    and glibc's in-use / free-but-held heap bytes of this process."""
     proc = psutil.Process()
     own = proc.memory_info().rss
     children = 0
@@ -121,7 +140,7 @@ def rss_mib() -> Dict[str, float]:
             children += child.memory_info().rss
         except psutil.Error:  # a worker that exited meanwhile
             pass
-    return {"rss_mib": own / 2**20, "rss_with_workers_mib": (own + children) / 2**20}
+    return {"rss_mib": own / 2**20, "rss_with_workers_mib": (own + children) / 2**20, **_malloc_stats()}
 
 
 class MemoryMonitor(HookBase):
