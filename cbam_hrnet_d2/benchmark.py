@@ -1,6 +1,7 @@
 """Measure models on this machine, always next to detectron2's own R50-FPN Mask R-CNN:
 
     python -m cbam_hrnet_d2.benchmark --configs configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml \
+        "configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml MODEL.HRNET.FOLD_BN False" \
         --size 800 1216 --iters 5 --train-batch 2 --out output/benchmark
 
 Per config: parameters; GMAC of backbone+FPN and of the whole model (fvcore); batch-1 eval latency
@@ -174,6 +175,8 @@ def measure(config: str, h: int, w: int, iters: int, train_batch: int, train_ite
     image = torch.rand(3, h, w) * 255
     x = model.preprocess_image([{"image": image}]).tensor
     calibrate_norm_statistics(model.backbone, x)
+    # the bottom-up network as the model runs it (for HRNet: the trunk, BN-folded in eval mode when
+    # MODEL.HRNET.FOLD_BN, plus any CBAM on its branches)
     trunk = getattr(model.backbone, "bottom_up", model.backbone)
     whole = FixedWork(model, h, w)
     row: Dict[str, float] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -182,10 +185,12 @@ def measure(config: str, h: int, w: int, iters: int, train_batch: int, train_ite
         count = TensorFlopCount(module, inputs).unsupported_ops_warnings(False)
         return count.uncalled_modules_warnings(False).total() / 1e9
 
+    # counted with autograd on: the architecture's count (MODEL.HRNET.FOLD_BN's copy is no
+    # submodule, which fvcore's per-module bookkeeping cannot follow)
+    row["backbone_fpn_GMAC"] = gmac(model.backbone, x)
+    row["trunk_GMAC"] = gmac(trunk, x)
+    row["model_GMAC"] = gmac(whole, x)
     with torch.inference_mode():
-        row["backbone_fpn_GMAC"] = gmac(model.backbone, x)
-        row["trunk_GMAC"] = gmac(trunk, x)
-        row["model_GMAC"] = gmac(whole, x)
         row["backbone_fpn_s"] = _median_seconds(lambda: model.backbone(x), iters)
         row["trunk_s"] = _median_seconds(lambda: trunk(x), iters)
         row["model_s"] = _median_seconds(lambda: whole(x), iters)
@@ -198,7 +203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from detectron2.utils.logger import setup_logger
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=["configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml"])
+    parser.add_argument("--configs", nargs="+", default=["configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml"],
+                        help='config files; one may carry overrides in the same argument: "A.yaml KEY VALUE"')
     parser.add_argument("--size", nargs=2, type=int, default=[800, 1216], metavar=("H", "W"))
     parser.add_argument("--iters", type=int, default=5, help="timed inference runs (median)")
     parser.add_argument("--train-batch", type=int, default=2)
@@ -214,12 +220,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     configs = [REFERENCE] + [c for c in args.configs if c != REFERENCE]
     rows = {}
     start = time.time()
-    for i, config in enumerate(configs):
+    for i, spec in enumerate(configs):
         eta = (time.time() - start) / i * (len(configs) - i) if i else float("nan")
-        logger.info("[%d/%d] %s (ETA %.0f s)", i + 1, len(configs), config, eta)
-        row = measure(config, h, w, args.iters, args.train_batch, args.train_iters, args.threads)
+        logger.info("[%d/%d] %s (ETA %.0f s)", i + 1, len(configs), spec, eta)
+        config, *opts = spec.split()
+        row = measure(config, h, w, args.iters, args.train_batch, args.train_iters, args.threads, opts)
         row["trunk_peak_fraction"] = row["trunk_GMAC"] / row["trunk_s"] / peak
-        rows[config] = row
+        rows[spec] = row
     ref = rows[REFERENCE]
     for row in rows.values():
         row["backbone_fpn_speedup_vs_R50"] = ref["backbone_fpn_s"] / row["backbone_fpn_s"]
@@ -230,6 +237,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     with open(os.path.join(args.out, "benchmark.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     table = [{"config": os.path.basename(c), **{k: round(v, 3) for k, v in r.items()}} for c, r in rows.items()]
+    for row in table:  # "a/b.yaml KEY VALUE" -> "b.yaml KEY VALUE"
+        row["config"] = " ".join(part.split("/")[-1] for part in row["config"].split())
     md = (f"Size {h}x{w}, {args.threads} threads, fp32 matmul peak {peak:.1f} GMAC/s, "
           f"train batch {args.train_batch}\n\n" + tabulate(table, headers="keys", tablefmt="pipe"))
     with open(os.path.join(args.out, "benchmark.md"), "w") as f:
