@@ -76,16 +76,7 @@ class TestExactResume(TrainingTestCase):
         resumed = self.out("resumed")
         os.makedirs(resumed)
         proc = run_train_net(common + ["OUTPUT_DIR", resumed], wait=False)
-        last = os.path.join(resumed, "last_checkpoint")
-        deadline = time.time() + 300
-        while proc.poll() is None and time.time() < deadline:
-            if os.path.exists(last) and open(last).read().strip() == "model_0000002.pth":
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.01)
-        proc.wait()
-        self.assertEqual(proc.returncode, -signal.SIGKILL, "training ended before it could be killed")
-        self.assertFalse(os.path.exists(os.path.join(resumed, "model_final.pth")))
+        self.kill_at_checkpoint(proc, resumed, "model_0000002.pth")
         plain = self.out("resumed_without_replay")
         shutil.copytree(resumed, plain)
         proc = run_train_net(["--resume"] + common + ["OUTPUT_DIR", resumed])

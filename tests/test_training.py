@@ -59,6 +59,19 @@ class TrainingTestCase(unittest.TestCase):
     def out(self, name):
         return os.path.join(self.tmp.name, name)
 
+    def kill_at_checkpoint(self, proc, out, name):
+        """SIGKILL the training ``proc`` as soon as ``out/last_checkpoint`` names ``name``."""
+        last = os.path.join(out, "last_checkpoint")
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            if os.path.isfile(last) and open(last).read().strip() == name:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        proc.wait()
+        self.assertEqual(proc.returncode, -signal.SIGKILL, "training ended before it could be killed")
+        self.assertFalse(os.path.isfile(os.path.join(out, "model_final.pth")))
+
     def check(self, proc):
         self.assertEqual(proc.returncode, 0, proc.stdout[-3000:] + proc.stderr[-3000:])
 
@@ -98,16 +111,7 @@ class TestTrainEvalResume(TrainingTestCase):
         opts = self.data_opts + ["OUTPUT_DIR", killed, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
         proc = run_train_net(opts, wait=False)
         ckpt = os.path.join(killed, "model_0000003.pth")
-        deadline = time.time() + 300
-        while proc.poll() is None and time.time() < deadline:
-            last = os.path.join(killed, "last_checkpoint")
-            if os.path.isfile(last) and open(last).read().strip() == "model_0000003.pth":
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.05)
-        proc.wait()
-        self.assertEqual(proc.returncode, -signal.SIGKILL, "training ended before it could be killed")
-        self.assertFalse(os.path.isfile(os.path.join(killed, "model_final.pth")))
+        self.kill_at_checkpoint(proc, killed, "model_0000003.pth")
         self.assertTrue(os.path.isfile(ckpt))
 
         resumed = run_train_net(["--resume"] + opts)
