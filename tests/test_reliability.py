@@ -53,6 +53,7 @@ class TestKilledTraining(TrainingTestCase):
             proc.wait()
             kills += 1
             _assert_checkpoints_loadable(self, out)
+        print(f"SIGKILL loop: survived {kills} kills, every checkpoint loadable after each")  # pytest -rP
         self.assertGreaterEqual(kills, 4)
         proc = run_train_net(["--resume"] + opts)
         self.assertEqual(proc.returncode, 0, proc.stdout[-3000:] + proc.stderr[-3000:])
