@@ -1,6 +1,7 @@
 """Training helpers used by ``train_net.py``: optimizer choice, CPU multi-process DDP, result files."""
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -117,14 +118,22 @@ class _MallInfo2(ctypes.Structure):
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _malloc_stats() -> Dict[str, float]:
-    """glibc's view of this process's heap: bytes in use (a leak grows this) and freed bytes it
-    keeps (fragmentation grows this); empty where glibc's mallinfo2 is not available."""
+@functools.lru_cache(maxsize=None)
+def _mallinfo2():
     try:
         fn = ctypes.CDLL("libc.so.6").mallinfo2
     except (OSError, AttributeError):
-        return {}
+        return None
     fn.restype = _MallInfo2
+    return fn
+
+
+def _malloc_stats() -> Dict[str, float]:
+    """glibc's view of this process's heap: bytes in use (a leak grows this) and freed bytes it
+    keeps (fragmentation grows this); empty where glibc's mallinfo2 is not available."""
+    fn = _mallinfo2()
+    if fn is None:
+        return {}
     info = fn()
     return {"malloc_in_use_mib": (info.uordblks + info.hblkhd) / 2**20, "malloc_free_held_mib": info.fordblks / 2**20}
 

@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["fold_batchnorm", "FoldedTrunk"]
@@ -19,20 +20,11 @@ __all__ = ["fold_batchnorm", "FoldedTrunk"]
 logger = logging.getLogger(__name__)
 
 
-def _affine(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) with bn(x) == x * scale + shift per channel, in eval mode."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
-
-
-def _fold_into(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
-    scale, shift = _affine(bn)
-    fused = copy.deepcopy(conv)
-    with torch.no_grad():
-        fused.weight.mul_(scale.reshape(-1, 1, 1, 1))
-        bias = shift if conv.bias is None else conv.bias * scale + shift
-        fused.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-    return fused
+def _fold_into(conv: nn.Conv2d, bn: nn.Module) -> None:
+    """Fold ``bn`` (eval mode) into ``conv`` in place (``conv`` belongs to the folded copy)."""
+    conv.weight, conv.bias = fuse_conv_bn_weights(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    )
 
 
 def _is_bn(m: nn.Module) -> bool:
@@ -51,7 +43,7 @@ def fold_batchnorm(module: nn.Module) -> Tuple[nn.Module, int]:
         prev_name, prev = None, None
         for name, child in list(parent.named_children()):
             if _is_bn(child) and isinstance(prev, nn.Conv2d) and prev.out_channels == child.num_features:
-                setattr(parent, prev_name, _fold_into(prev, child))
+                _fold_into(prev, child)
                 setattr(parent, name, nn.Identity())
                 count += 1
             else:
