@@ -40,7 +40,7 @@ def fold_batchnorm(module: nn.Module) -> Tuple[nn.Module, int]:
 
     def visit(parent: nn.Module) -> None:
         nonlocal count
-        prev_name, prev = None, None
+        prev = None
         for name, child in list(parent.named_children()):
             if _is_bn(child) and isinstance(prev, nn.Conv2d) and prev.out_channels == child.num_features:
                 _fold_into(prev, child)
@@ -48,7 +48,7 @@ def fold_batchnorm(module: nn.Module) -> Tuple[nn.Module, int]:
                 count += 1
             else:
                 visit(child)
-            prev_name, prev = name, child
+            prev = child
 
     visit(folded)
     for p in folded.parameters():
