@@ -139,3 +139,27 @@ class TestFoldBatchnorm(unittest.TestCase):
         self.assertTrue(fast.backbone.bottom_up._folded.disabled)
         for name in pa:
             assert_close(self, pa[name], pb[name])
+
+    def test_fold_that_changes_outputs_is_switched_off_with_a_warning(self):
+        from cbam_hrnet_d2.fold_bn import FoldedTrunk
+
+        class Misordered(torch.nn.Module):
+            """conv_b is registered right before bn_a, but bn_a follows conv_a in forward."""
+
+            def __init__(self):
+                super().__init__()
+                self.conv_a = torch.nn.Conv2d(3, 4, 3, padding=1)
+                self.conv_b = torch.nn.Conv2d(4, 4, 3, padding=1)
+                self.bn_a = torch.nn.BatchNorm2d(4)
+
+            def forward(self, x):
+                return [self.conv_b(self.bn_a(self.conv_a(x)))]
+
+        torch.manual_seed(0)
+        m = Misordered().eval()
+        m.bn_a.running_mean.uniform_(-1, 1), m.bn_a.running_var.uniform_(0.5, 2)
+        cache = FoldedTrunk()
+        with self.assertLogs("cbam_hrnet_d2.fold_bn", "WARNING") as logs, torch.no_grad():
+            self.assertIs(cache.get(m), m)
+        self.assertIn("MODEL.HRNET.FOLD_BN switched off", "\n".join(logs.output))
+        self.assertTrue(cache.disabled)
