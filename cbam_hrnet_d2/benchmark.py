@@ -30,7 +30,7 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn import FlopCountAnalysis as TensorFlopCount
 from tabulate import tabulate
 
-from .engine import load_config
+from .engine import keep_large_allocations_in_heap, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,11 @@ def _synthetic_batch(batch: int, h: int, w: int, num_instances: int = 8):
     return out
 
 
-def _train_worker(config: str, opts: List[str], batch: int, h: int, w: int, iters: int, threads: int, queue):
+def _train_worker(config: str, opts: List[str], batch: int, h: int, w: int, iters: int, threads: int, queue,
+                  heap: bool = True):
     torch.set_num_threads(threads)
+    if heap:
+        keep_large_allocations_in_heap()
     torch.manual_seed(0)
     cfg = load_cfg(config, opts)
     model = build_model(cfg)
@@ -156,10 +159,10 @@ def _train_worker(config: str, opts: List[str], batch: int, h: int, w: int, iter
     queue.put({"train_s_per_iter": statistics.median(times), "train_peak_rss_mib": peak_mib})
 
 
-def measure_training(config, opts, batch, h, w, iters, threads) -> Dict[str, float]:
+def measure_training(config, opts, batch, h, w, iters, threads, heap: bool = True) -> Dict[str, float]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_train_worker, args=(config, list(opts), batch, h, w, iters, threads, queue))
+    proc = ctx.Process(target=_train_worker, args=(config, list(opts), batch, h, w, iters, threads, queue, heap))
     proc.start()
     proc.join()
     if proc.exitcode != 0 or queue.empty():
@@ -168,7 +171,7 @@ def measure_training(config, opts, batch, h, w, iters, threads) -> Dict[str, flo
 
 
 def measure(config: str, h: int, w: int, iters: int, train_batch: int, train_iters: int,
-            threads: int, opts: Sequence[str] = ()) -> Dict[str, float]:
+            threads: int, opts: Sequence[str] = (), heap: bool = True) -> Dict[str, float]:
     torch.manual_seed(0)
     cfg = load_cfg(config, opts)
     model = build_model(cfg).eval()
@@ -195,7 +198,7 @@ def measure(config: str, h: int, w: int, iters: int, train_batch: int, train_ite
         row["trunk_s"] = _median_seconds(lambda: trunk(x), iters)
         row["model_s"] = _median_seconds(lambda: whole(x), iters)
     logger.info("  inference done: %s", {k: round(v, 3) for k, v in row.items()})
-    row.update(measure_training(config, opts, train_batch, h, w, train_iters, threads))
+    row.update(measure_training(config, opts, train_batch, h, w, train_iters, threads, heap))
     return row
 
 
@@ -211,9 +214,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--train-iters", type=int, default=3, help="timed training iterations")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="output/benchmark")
+    parser.add_argument("--mmap-large-allocations", action="store_true",
+                        help="keep glibc's default of mmap() for large blocks (train_net.py turns it off on CPU)")
     args = parser.parse_args(argv)
     setup_logger(name=logger.name)
     torch.set_num_threads(args.threads)
+    heap = not args.mmap_large_allocations and keep_large_allocations_in_heap()
     h, w = args.size
     peak = matmul_peak_gmacs()
     logger.info("fp32 matmul peak on %d threads: %.1f GMAC/s", args.threads, peak)
@@ -224,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         eta = (time.time() - start) / i * (len(configs) - i) if i else float("nan")
         logger.info("[%d/%d] %s (ETA %.0f s)", i + 1, len(configs), spec, eta)
         config, *opts = spec.split()
-        row = measure(config, h, w, args.iters, args.train_batch, args.train_iters, args.threads, opts)
+        row = measure(config, h, w, args.iters, args.train_batch, args.train_iters, args.threads, opts, heap)
         row["trunk_peak_fraction"] = row["trunk_GMAC"] / row["trunk_s"] / peak
         rows[spec] = row
     ref = rows[REFERENCE]
@@ -233,13 +239,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         row["model_speedup_vs_R50"] = ref["model_s"] / row["model_s"]
     os.makedirs(args.out, exist_ok=True)
     meta = {"size": [h, w], "threads": args.threads, "matmul_peak_GMACs": peak, "iters": args.iters,
-            "train_batch": args.train_batch, "torch": torch.__version__}
+            "train_batch": args.train_batch, "torch": torch.__version__, "large_allocations_in_heap": heap}
     with open(os.path.join(args.out, "benchmark.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     table = [{"config": os.path.basename(c), **{k: round(v, 3) for k, v in r.items()}} for c, r in rows.items()]
     for row in table:  # "a/b.yaml KEY VALUE" -> "b.yaml KEY VALUE"
         row["config"] = " ".join(part.split("/")[-1] for part in row["config"].split())
-    md = (f"Size {h}x{w}, {args.threads} threads, fp32 matmul peak {peak:.1f} GMAC/s, "
+    md = (f"Size {h}x{w}, {args.threads} threads, fp32 matmul peak {peak:.1f} GMAC/s, large blocks "
+          f"{'in the heap' if heap else 'mmap()ed (glibc default)'}, "
           f"train batch {args.train_batch}\n\n" + tabulate(table, headers="keys", tablefmt="pipe"))
     with open(os.path.join(args.out, "benchmark.md"), "w") as f:
         f.write(md + "\n")

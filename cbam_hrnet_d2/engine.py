@@ -25,6 +25,7 @@ __all__ = [
     "build_optimizer",
     "trainer_patches",
     "set_cpu_threads",
+    "keep_large_allocations_in_heap",
     "write_results",
     "MemoryMonitor",
 ]
@@ -86,8 +87,10 @@ def trainer_patches() -> Iterator[None]:
 
 
 def set_cpu_threads(cfg) -> None:
-    """On CPU, share the cores between the processes of this machine."""
+    """On CPU, share the cores between the processes of this machine, and keep large tensors'
+    memory in the heap (:func:`keep_large_allocations_in_heap`)."""
     if cfg.MODEL.DEVICE == "cpu":
+        keep_large_allocations_in_heap()
         threads = max(1, (os.cpu_count() or 1) // comm.get_local_size())
         torch.set_num_threads(threads)
         logger.info("CPU run: %d process(es) on this machine, %d thread(s) each", comm.get_local_size(), threads)
@@ -119,13 +122,36 @@ class _MallInfo2(ctypes.Structure):
 
 
 @functools.lru_cache(maxsize=None)
-def _mallinfo2():
+def _libc():
     try:
-        fn = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
         return None
-    fn.restype = _MallInfo2
+
+
+@functools.lru_cache(maxsize=None)
+def _mallinfo2():
+    fn = getattr(_libc(), "mallinfo2", None)
+    if fn is not None:
+        fn.restype = _MallInfo2
     return fn
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt() parameters
+
+
+def keep_large_allocations_in_heap() -> bool:
+    """Make glibc serve every allocation from its heap and never give freed heap back to the OS.
+
+    By default glibc maps each block of 32 MiB or more freshly with mmap() and unmaps it on free, so a
+    training step page-faults its large activations (RoI features, mask-head maps, FPN maps) in again
+    every time: measured on the shapes recipe, a 1x1-conv backward took 216 ms instead of 58 ms and a
+    step 1.06 s instead of 0.85 s. Kept in the heap, freed blocks are reused; the process's RSS then
+    stays at its peak. Process-wide, idempotent; returns False where libc is not glibc."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _malloc_stats() -> Dict[str, float]:

@@ -1,4 +1,5 @@
-"""The speed options (MODEL.HRNET.CHANNELS_LAST, MODEL.HRNET.FOLD_BN) give the plain model's results."""
+"""The speed options (MODEL.HRNET.CHANNELS_LAST, MODEL.HRNET.FOLD_BN, the sparse CPU RoIAlign of
+MODEL.ROI_HEADS.NAME SparseROIAlignROIHeads) give the plain model's results."""
 import unittest
 
 import torch
@@ -9,7 +10,7 @@ from cbam_hrnet_d2.fold_bn import fold_batchnorm
 
 from .common import get_config
 
-PLAIN = ["MODEL.HRNET.CHANNELS_LAST", False, "MODEL.HRNET.FOLD_BN", False]
+PLAIN = ["MODEL.HRNET.CHANNELS_LAST", False, "MODEL.HRNET.FOLD_BN", False, "MODEL.ROI_HEADS.NAME", "StandardROIHeads"]
 H, W = 160, 224
 
 
