@@ -22,6 +22,8 @@ class TestBenchmark(unittest.TestCase):
                 md = f.read()
         self.assertEqual(list(data["rows"]), [REFERENCE, DEFAULT_CONFIG, PLAIN])
         self.assertGreater(data["meta"]["matmul_peak_GMACs"], 0)
+        self.assertTrue(data["meta"]["large_allocations_in_heap"])  # as train_net.py runs on CPU
+        self.assertIn("large blocks in the heap", md)
         ref, ours = data["rows"][REFERENCE], data["rows"][DEFAULT_CONFIG]
         self.assertEqual(ref["model_speedup_vs_R50"], 1.0)
         for key in ("params_M", "backbone_fpn_GMAC", "model_GMAC", "backbone_fpn_s", "model_s",
