@@ -30,8 +30,7 @@ def _axis_samples(start: torch.Tensor, size: torch.Tensor, bins: int, grid: torc
     """Sampling along one axis, as torchvision's kernel does it. For each RoI r, bin b and sample i
     (of ``grid[r]``, padded to the largest grid), the low/high pixel index and their weights; samples
     outside the map or past ``grid[r]`` get weight 0."""
-    g = int(grid.max().item()) if grid.numel() else 1
-    g = max(g, 1)
+    g = max(int(grid.max()), 1) if grid.numel() else 1
     i = torch.arange(g, dtype=start.dtype, device=start.device)
     b = torch.arange(bins, dtype=start.dtype, device=start.device)
     bin_size = (size / bins)[:, None, None]
@@ -115,7 +114,7 @@ class SparseROIAlign(ROIAlign):
                 rois, (n, h, w), (ph, pw), self.spatial_scale, self.sampling_ratio, self.aligned, input.dtype
             )
         pixels = input.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when channels-last
-        out = torch.sparse.mm(a, pixels) if input.requires_grad else a @ pixels
+        out = a @ pixels  # autograd: grad of pixels = A^T @ grad
         return out.view(rois.shape[0], ph, pw, c).permute(0, 3, 1, 2)
 
 
