@@ -114,7 +114,9 @@ class SparseROIAlign(ROIAlign):
                 rois, (n, h, w), (ph, pw), self.spatial_scale, self.sampling_ratio, self.aligned, input.dtype
             )
         pixels = input.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when channels-last
-        out = a @ pixels  # autograd: grad of pixels = A^T @ grad
+        # one path with and without autograd (grad of pixels = A^T @ grad); sparse.mm, not `@`: fvcore
+        # traces `@` as aten::matmul and fails on the sparse operand while counting GMACs
+        out = torch.sparse.mm(a, pixels)
         return out.view(rois.shape[0], ph, pw, c).permute(0, 3, 1, 2)
 
 
