@@ -23,6 +23,7 @@ from cbam_hrnet_d2.engine import (
     build_optimizer,
     load_config,
     set_cpu_threads,
+    warn_if_frozen_norms_start_random,
     trainer_patches,
     write_results,
 )
@@ -105,6 +106,7 @@ def main(args):
             verify_results(cfg, res)
         return res
 
+    warn_if_frozen_norms_start_random(cfg)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()

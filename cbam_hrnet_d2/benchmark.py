@@ -7,8 +7,10 @@
 Per config: parameters; GMAC of backbone+FPN and of the whole model (fvcore); batch-1 eval latency
 (median of N after a warm-up) of backbone+FPN, of the bare trunk, and of the whole model with the
 proposal and detection counts fixed (1000 fixed boxes through the box head, 100 through the mask
-head, so that random-init models do the same work); training s/iter and peak RSS at --train-batch
-(in a fresh process each); achieved GMAC/s of the trunk as a fraction of the fp32 matmul peak measured in the same run. Writes benchmark.md
+head, so that random-init models do the same work); training s/iter (median after --train-warmup
+steps, which page the process's memory in) and peak RSS at --train-batch, in a fresh process each,
+with the RPN's proposals replaced by the same fixed boxes (its losses kept: a random-init RPN
+proposes anything from 0 boxes, as R50 does at 800 px, to its full top-k); achieved GMAC/s of the trunk as a fraction of the fp32 matmul peak measured in the same run. Writes benchmark.md
 and benchmark.json.
 """
 import argparse
@@ -35,6 +37,7 @@ from .engine import keep_large_allocations_in_heap, load_config
 logger = logging.getLogger(__name__)
 
 REFERENCE = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
+REFERENCE_PROPOSALS = "MODEL.RPN.POST_NMS_TOPK_TRAIN fixed proposals per image"
 
 
 def load_cfg(config: str, opts: Sequence[str] = ()):
@@ -43,6 +46,37 @@ def load_cfg(config: str, opts: Sequence[str] = ()):
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     return cfg
+
+
+def fixed_boxes(h: int, w: int, num: int) -> Boxes:
+    """``num`` reproducible random boxes inside an (h, w) image, 8 px to 30% of each side."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(num, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
+    wh = torch.rand(num, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 8
+    return Boxes(torch.cat([xy, xy + wh], 1))
+
+
+class FixedProposals(torch.nn.Module):
+    """A proposal generator whose losses are computed as usual but whose proposals are ``num`` fixed
+    boxes per image (:func:`fixed_boxes`), so that the RoI heads of random-init models train on the
+    same boxes."""
+
+    def __init__(self, rpn: torch.nn.Module, num: int):
+        super().__init__()
+        self.rpn = rpn
+        self.num = num
+
+    def forward(self, images, features, gt_instances=None):
+        _, losses = self.rpn(images, features, gt_instances)
+        proposals = []
+        for h, w in images.image_sizes:
+            inst = Instances((h, w))
+            boxes = fixed_boxes(h, w, self.num)
+            boxes.clip((h, w))  # as the RPN clips its proposals
+            inst.proposal_boxes = boxes.to(images.tensor.device)
+            inst.objectness_logits = torch.zeros(self.num, device=images.tensor.device)
+            proposals.append(inst)
+        return proposals, losses
 
 
 class FixedWork(torch.nn.Module):
@@ -54,10 +88,7 @@ class FixedWork(torch.nn.Module):
     def __init__(self, model, h: int, w: int, num_proposals: int = 1000, num_detections: int = 100):
         super().__init__()
         self.model = model
-        g = torch.Generator().manual_seed(0)
-        xy = torch.rand(num_proposals, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
-        wh = torch.rand(num_proposals, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 8
-        self.boxes = Boxes(torch.cat([xy, xy + wh], 1))
+        self.boxes = fixed_boxes(h, w, num_proposals)
         self.num_detections = num_detections
         self.hw = (h, w)
 
@@ -132,8 +163,8 @@ def _synthetic_batch(batch: int, h: int, w: int, num_instances: int = 8):
     return out
 
 
-def _train_worker(config: str, opts: List[str], batch: int, h: int, w: int, iters: int, threads: int, queue,
-                  heap: bool = True):
+def _train_worker(config: str, opts: List[str], batch: int, h: int, w: int, iters: int, warmup: int,
+                  threads: int, queue, heap: bool = True):
     torch.set_num_threads(threads)
     if heap:
         keep_large_allocations_in_heap()
@@ -141,28 +172,29 @@ def _train_worker(config: str, opts: List[str], batch: int, h: int, w: int, iter
     cfg = load_cfg(config, opts)
     model = build_model(cfg)
     calibrate_norm_statistics(model.backbone, torch.rand(1, 3, h, w) * 2 - 1)
+    model.proposal_generator = FixedProposals(model.proposal_generator, cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN)
     model.train()
     # lr 0: the same work per step, and random-init weights cannot diverge between timed steps
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
     data = _synthetic_batch(batch, h, w)
     times = []
     with EventStorage():
-        for i in range(iters + 1):
+        for i in range(warmup + iters):
             start = time.perf_counter()
             loss = sum(model(data).values())
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if i > 0:
+            if i >= warmup:
                 times.append(time.perf_counter() - start)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     queue.put({"train_s_per_iter": statistics.median(times), "train_peak_rss_mib": peak_mib})
 
 
-def measure_training(config, opts, batch, h, w, iters, threads, heap: bool = True) -> Dict[str, float]:
+def measure_training(config, opts, batch, h, w, iters, warmup, threads, heap: bool = True) -> Dict[str, float]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_train_worker, args=(config, list(opts), batch, h, w, iters, threads, queue, heap))
+    proc = ctx.Process(target=_train_worker, args=(config, list(opts), batch, h, w, iters, warmup, threads, queue, heap))
     proc.start()
     proc.join()
     if proc.exitcode != 0 or queue.empty():
@@ -170,7 +202,7 @@ def measure_training(config, opts, batch, h, w, iters, threads, heap: bool = Tru
     return queue.get()
 
 
-def measure(config: str, h: int, w: int, iters: int, train_batch: int, train_iters: int,
+def measure(config: str, h: int, w: int, iters: int, train_batch: int, train_iters: int, train_warmup: int,
             threads: int, opts: Sequence[str] = (), heap: bool = True) -> Dict[str, float]:
     torch.manual_seed(0)
     cfg = load_cfg(config, opts)
@@ -198,7 +230,7 @@ def measure(config: str, h: int, w: int, iters: int, train_batch: int, train_ite
         row["trunk_s"] = _median_seconds(lambda: trunk(x), iters)
         row["model_s"] = _median_seconds(lambda: whole(x), iters)
     logger.info("  inference done: %s", {k: round(v, 3) for k, v in row.items()})
-    row.update(measure_training(config, opts, train_batch, h, w, train_iters, threads, heap))
+    row.update(measure_training(config, opts, train_batch, h, w, train_iters, train_warmup, threads, heap))
     return row
 
 
@@ -211,7 +243,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--size", nargs=2, type=int, default=[800, 1216], metavar=("H", "W"))
     parser.add_argument("--iters", type=int, default=5, help="timed inference runs (median)")
     parser.add_argument("--train-batch", type=int, default=2)
-    parser.add_argument("--train-iters", type=int, default=3, help="timed training iterations")
+    parser.add_argument("--train-iters", type=int, default=3, help="timed training iterations (median)")
+    parser.add_argument("--train-warmup", type=int, default=2,
+                        help="untimed training iterations first (the first two page in the memory)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="output/benchmark")
     parser.add_argument("--mmap-large-allocations", action="store_true",
@@ -230,7 +264,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         eta = (time.time() - start) / i * (len(configs) - i) if i else float("nan")
         logger.info("[%d/%d] %s (ETA %.0f s)", i + 1, len(configs), spec, eta)
         config, *opts = spec.split()
-        row = measure(config, h, w, args.iters, args.train_batch, args.train_iters, args.threads, opts, heap)
+        row = measure(config, h, w, args.iters, args.train_batch, args.train_iters, args.train_warmup,
+                      args.threads, opts, heap)
         row["trunk_peak_fraction"] = row["trunk_GMAC"] / row["trunk_s"] / peak
         rows[spec] = row
     ref = rows[REFERENCE]
@@ -239,7 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         row["model_speedup_vs_R50"] = ref["model_s"] / row["model_s"]
     os.makedirs(args.out, exist_ok=True)
     meta = {"size": [h, w], "threads": args.threads, "matmul_peak_GMACs": peak, "iters": args.iters,
-            "train_batch": args.train_batch, "torch": torch.__version__, "large_allocations_in_heap": heap}
+            "train_batch": args.train_batch, "train_iters": args.train_iters,
+            "train_warmup": args.train_warmup, "torch": torch.__version__, "large_allocations_in_heap": heap}
     with open(os.path.join(args.out, "benchmark.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     table = [{"config": os.path.basename(c), **{k: round(v, 3) for k, v in r.items()}} for c, r in rows.items()]
@@ -247,7 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         row["config"] = " ".join(part.split("/")[-1] for part in row["config"].split())
     md = (f"Size {h}x{w}, {args.threads} threads, fp32 matmul peak {peak:.1f} GMAC/s, large blocks "
           f"{'in the heap' if heap else 'mmap()ed (glibc default)'}, "
-          f"train batch {args.train_batch}\n\n" + tabulate(table, headers="keys", tablefmt="pipe"))
+          f"train batch {args.train_batch} ({args.train_iters} timed steps after {args.train_warmup}, "
+          f"{REFERENCE_PROPOSALS})\n\n" + tabulate(table, headers="keys", tablefmt="pipe"))
     with open(os.path.join(args.out, "benchmark.md"), "w") as f:
         f.write(md + "\n")
     logger.info("wrote %s\n%s", os.path.join(args.out, "benchmark.md"), md)

@@ -17,7 +17,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint import detection_checkpoint as _d2_checkpoint
 
-__all__ = ["UnsafeCheckpointError", "restricted_pickle_load", "load_tensor_file", "SafeCheckpointer"]
+__all__ = ["UnsafeCheckpointError", "restricted_pickle_load", "load_tensor_file", "SafeCheckpointer",
+           "MISSING_WEIGHTS_HINT"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +95,24 @@ def _fsync_replace(tmp: str, final: str) -> None:
     os.replace(tmp, final)
 
 
+MISSING_WEIGHTS_HINT = (
+    "The COCO configs start from ImageNet HRNet weights, as detectron2's R50 configs do: make the file "
+    "with `python -m cbam_hrnet_d2.convert --src <timm or official HRNet ImageNet file> --out <this path> "
+    "--width <W>` (README, 'ImageNet-pretrained HRNet weights'), or train from random init with "
+    "configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml (MODEL.WEIGHTS \"\")."
+)
+
+
 class SafeCheckpointer(DetectionCheckpointer):
     """:class:`DetectionCheckpointer` with safe loading and atomic saving (see module doc)."""
 
     _INCOMPLETE = ".incomplete"
+
+    def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        # fvcore's own check is a bare assert; name the key and the ways to get the file instead
+        if path and "://" not in path and not os.path.isfile(path.split("?")[0]):
+            raise FileNotFoundError(f"MODEL.WEIGHTS = {path!r}: the file does not exist. {MISSING_WEIGHTS_HINT}")
+        return super().load(path, *args, **kwargs)
 
     def _torch_load(self, f: str) -> Dict[str, Any]:
         loaded = load_tensor_file(f)

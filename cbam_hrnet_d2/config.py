@@ -14,10 +14,11 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     _C.MODEL.HRNET = CN()
     # HRNet width W = channels of the highest-resolution branch. Options: 18, 32, 48 (timm hrnet_w*).
     _C.MODEL.HRNET.WIDTH = 18
-    # Norm in the trunk. Options: BN, SyncBN, FrozenBN, GN (GN: most groups <= 32 dividing C).
-    # SyncBN becomes detectron2's naiveSyncBN on CPU (works across gloo processes). Stages frozen by
-    # MODEL.BACKBONE.FREEZE_AT (1 = stem, 2 = +stage1, ... 5 = all) become FrozenBN whatever this is.
-    _C.MODEL.HRNET.NORM = "SyncBN"
+    # Norm in the trunk. Options: FrozenBN (detectron2's choice for ImageNet-initialised backbones;
+    # needs weights), BN, SyncBN, GN (most groups <= 32 dividing C; SyncBN/GN for training from
+    # scratch). SyncBN becomes detectron2's naiveSyncBN on CPU (works across gloo processes). Stages
+    # frozen by MODEL.BACKBONE.FREEZE_AT (1 = stem, 2 = +stage1, ... 5 = all) become FrozenBN anyway.
+    _C.MODEL.HRNET.NORM = "FrozenBN"
     # ImageNet HRNet checkpoint (timm .pth/.safetensors, official HRNet .pth, or a converted file)
     # loaded into the trunk at build time; "" = random init. A set MODEL.WEIGHTS wins over it.
     _C.MODEL.HRNET.PRETRAINED = ""

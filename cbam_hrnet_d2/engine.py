@@ -25,6 +25,7 @@ __all__ = [
     "build_optimizer",
     "trainer_patches",
     "set_cpu_threads",
+    "warn_if_frozen_norms_start_random",
     "keep_large_allocations_in_heap",
     "write_results",
     "MemoryMonitor",
@@ -94,6 +95,23 @@ def set_cpu_threads(cfg) -> None:
         threads = max(1, (os.cpu_count() or 1) // comm.get_local_size())
         torch.set_num_threads(threads)
         logger.info("CPU run: %d process(es) on this machine, %d thread(s) each", comm.get_local_size(), threads)
+
+
+def warn_if_frozen_norms_start_random(cfg) -> bool:
+    """Log a warning (and return True) when an HRNet trunk with FrozenBN norms would train from random
+    init: its frozen statistics then stay mean 0 / variance 1, so nothing normalises the activations."""
+    backbone = cfg.MODEL.BACKBONE.NAME
+    if not backbone.startswith("build_cbam_hrnet") or cfg.MODEL.HRNET.NORM != "FrozenBN":
+        return False
+    if cfg.MODEL.WEIGHTS or cfg.MODEL.HRNET.PRETRAINED:
+        return False
+    logger.warning(
+        "MODEL.HRNET.NORM is FrozenBN but neither MODEL.WEIGHTS nor MODEL.HRNET.PRETRAINED is set: the "
+        "trunk trains from random init without normalisation. Give ImageNet weights, or set "
+        "MODEL.HRNET.NORM SyncBN (or GN) and MODEL.BACKBONE.FREEZE_AT 0 "
+        "(configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml)."
+    )
+    return True
 
 
 def write_results(results: Dict[str, Dict[str, Dict[str, float]]], output_dir: str) -> None:

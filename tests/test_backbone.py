@@ -43,7 +43,8 @@ class TestTrunk(unittest.TestCase):
         self.assertEqual(build().size_divisibility, 32)
 
     def test_trunk_has_no_classifier_or_incre_layers(self):
-        names = {n.split(".")[1] for n, _ in build(TRUNK).named_parameters() if n.startswith("trunk.")}
+        # state_dict, not parameters: FrozenBN norms hold buffers only
+        names = {n.split(".")[1] for n in build(TRUNK).state_dict() if n.startswith("trunk.")}
         self.assertEqual(names, {m for group in HRNET_STAGES for m in group})
 
     def test_cbam_on_every_branch_by_default(self):
@@ -96,7 +97,7 @@ class TestTrunk(unittest.TestCase):
                     "GN": nn.GroupNorm}
         for norm, cls in expected.items():
             with self.subTest(norm=norm):
-                model = build(TRUNK + ["MODEL.HRNET.NORM", norm])
+                model = build(TRUNK + ["MODEL.HRNET.NORM", norm, "MODEL.BACKBONE.FREEZE_AT", 0])
                 self.assertIsInstance(model.trunk.bn1, cls)
                 self.assertIsInstance(model.trunk.stage4[0].branches[0][0].bn1, cls)
                 out = model(torch.rand(2, 3, 64, 64))

@@ -3,7 +3,11 @@ import os
 import tempfile
 import unittest
 
-from cbam_hrnet_d2.benchmark import REFERENCE, main
+import torch
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from cbam_hrnet_d2.benchmark import REFERENCE, FixedProposals, _synthetic_batch, load_cfg, main
 
 from .common import DEFAULT_CONFIG
 
@@ -23,6 +27,8 @@ class TestBenchmark(unittest.TestCase):
         self.assertEqual(list(data["rows"]), [REFERENCE, DEFAULT_CONFIG, PLAIN])
         self.assertGreater(data["meta"]["matmul_peak_GMACs"], 0)
         self.assertTrue(data["meta"]["large_allocations_in_heap"])  # as train_net.py runs on CPU
+        self.assertEqual((data["meta"]["train_warmup"], data["meta"]["train_iters"]), (2, 1))
+        self.assertIn("1 timed steps after 2", md)
         self.assertIn("large blocks in the heap", md)
         ref, ours = data["rows"][REFERENCE], data["rows"][DEFAULT_CONFIG]
         self.assertEqual(ref["model_speedup_vs_R50"], 1.0)
@@ -33,3 +39,28 @@ class TestBenchmark(unittest.TestCase):
         self.assertIn("mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml", md)
         self.assertIn("mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml MODEL.HRNET.CHANNELS_LAST False", md)
         self.assertEqual(data["rows"][PLAIN]["params_M"], ours["params_M"])
+
+
+class TestFixedProposals(unittest.TestCase):
+    def test_heads_train_on_the_same_fixed_boxes_and_rpn_losses_stay(self):
+        torch.manual_seed(0)
+        for config in (REFERENCE, DEFAULT_CONFIG):
+            with self.subTest(config=config):
+                model = build_model(load_cfg(config)).train()
+                model.proposal_generator = FixedProposals(model.proposal_generator, 50)
+                sampled = []
+                model.roi_heads.box_predictor.register_forward_hook(
+                    lambda m, i, o: sampled.append(i[0].shape[0]))
+                batch = _synthetic_batch(2, 64, 96, num_instances=2)
+                with EventStorage():
+                    images = model.preprocess_image(batch)
+                    features = model.backbone(images.tensor)
+                    gt = [b["instances"] for b in batch]
+                    proposals, losses = model.proposal_generator(images, features, gt)
+                    all_losses = model(batch)
+                self.assertEqual([len(p) for p in proposals], [50, 50])
+                self.assertTrue(torch.equal(proposals[0].proposal_boxes.tensor, proposals[1].proposal_boxes.tensor))
+                self.assertEqual(set(losses), {"loss_rpn_cls", "loss_rpn_loc"})
+                self.assertTrue(all(torch.isfinite(v) for v in all_losses.values()))
+                # 50 proposals + 2 ground-truth boxes per image, fewer than 512 to sample
+                self.assertEqual(sampled, [2 * 52])

@@ -3,20 +3,23 @@ import os
 import unittest
 
 import torch
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
-from fvcore.nn.precise_bn import update_bn_stats
+from torch import nn
 
-from .common import collect_config_files, get_config
+from cbam_hrnet_d2.benchmark import calibrate_norm_statistics
+from cbam_hrnet_d2.engine import warn_if_frozen_norms_start_random
+
+from .common import CONFIGS, collect_config_files, get_config
 
 
 def _prepare_random_model_for_eval(model):
     """Make a random-init model keep detections, so that the mask head runs at test time."""
-    # A random-init trunk in eval mode with running stats (0, 1) overflows; estimate real
-    # statistics first, as detectron2's PreciseBN hook does after training.
-    images = [torch.rand(2, 3, 128, 160) for _ in range(2)]
-    update_bn_stats(model.backbone, images, num_iters=len(images))
+    # A random-init trunk in eval mode with running stats (0, 1) overflows; estimate real statistics
+    # first (BN and FrozenBN, whose statistics ImageNet weights would otherwise bring).
+    calibrate_norm_statistics(model.backbone, torch.rand(2, 3, 128, 160))
     # Random box deltas would push every box outside the image: keep the proposals' boxes,
     # and accept every score.
     torch.nn.init.zeros_(model.roi_heads.box_predictor.bbox_pred.weight)
@@ -40,6 +43,40 @@ def _inputs(sizes=((200, 250), (200, 249)), num_instances=(3, 0)):
         inst.gt_masks = BitMasks(masks)
         batch.append({"image": torch.rand(3, h, w) * 255, "instances": inst})
     return batch
+
+
+class TestRecipes(unittest.TestCase):
+    """The COCO configs follow detectron2's R50 recipe (ImageNet init, stem + stage 1 frozen,
+    FrozenBN); *_scratch and the shapes recipe train every stage from random init."""
+
+    def test_coco_recipe_freezes_stem_and_stage1_and_uses_frozen_bn(self):
+        cfg = get_config()
+        self.assertEqual((cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.HRNET.NORM), (2, "FrozenBN"))
+        trunk = build_model(cfg).backbone.bottom_up.trunk
+        norms = [m for m in trunk.modules() if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d))]
+        self.assertTrue(norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms))
+        for name, p in trunk.named_parameters():
+            frozen = name.split(".")[0] in ("conv1", "conv2", "layer1")
+            self.assertEqual(p.requires_grad, not frozen, name)
+
+    def test_scratch_and_shapes_recipes_train_everything_from_random_init(self):
+        for path, norm in ((os.path.join(CONFIGS, "mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml"), "SyncBN"),
+                           (os.path.join(CONFIGS, "shapes", "mask_rcnn_CBAM_HRNet_W18_FPN_shapes.yaml"), "GN")):
+            with self.subTest(config=os.path.basename(path)):
+                cfg = get_config(path)
+                self.assertEqual((cfg.MODEL.WEIGHTS, cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.HRNET.NORM),
+                                 ("", 0, norm))
+                self.assertFalse(warn_if_frozen_norms_start_random(cfg))
+                trunk = build_model(cfg).backbone.bottom_up.trunk
+                self.assertTrue(all(p.requires_grad for p in trunk.parameters()))
+
+    def test_frozen_norms_without_weights_are_warned_about(self):
+        self.assertFalse(warn_if_frozen_norms_start_random(get_config()))
+        with self.assertLogs("cbam_hrnet_d2.engine", "WARNING") as logs:
+            self.assertTrue(warn_if_frozen_norms_start_random(get_config(opts=["MODEL.WEIGHTS", ""])))
+        self.assertIn("MODEL.HRNET.NORM SyncBN", "\n".join(logs.output))
+        self.assertFalse(warn_if_frozen_norms_start_random(
+            get_config(opts=["MODEL.WEIGHTS", "", "MODEL.HRNET.PRETRAINED", "in1k.pth"])))
 
 
 class TestEveryConfig(unittest.TestCase):

@@ -109,15 +109,19 @@ class TestSpeedOptionsKeepResults(unittest.TestCase):
         _, fast = build_pair()
         out = fast.backbone(self.x)
         sum(v.sum() for v in out.values()).backward()
-        self.assertIsNotNone(fast.backbone.bottom_up.trunk.conv1.weight.grad)
+        trainable = [p for p in fast.backbone.bottom_up.trunk.parameters() if p.requires_grad]
+        self.assertTrue(trainable)
+        self.assertTrue(all(p.grad is not None for p in trainable))
 
     def test_training_mode_outputs_equal_the_plain_model(self):
+        # against the plain model evaluated in float64: two float32 runs of this random-init net
+        # differ by up to ~1e-4 from rounding alone (each ~6e-5 from the float64 result)
         plain, fast = build_pair()
-        plain.train(), fast.train()
+        plain.double().train(), fast.train()
         with torch.no_grad():
-            pa, pb = plain.backbone(self.x), fast.backbone(self.x)
+            pa, pb = plain.backbone(self.x.double()), fast.backbone(self.x)
         for name in pa:
-            assert_close(self, pa[name], pb[name])
+            assert_close(self, pa[name], pb[name].double())
 
 
 class TestFoldBatchnorm(unittest.TestCase):

@@ -13,7 +13,7 @@ from cbam_hrnet_d2.checkpoint import SafeCheckpointer, load_tensor_file
 from cbam_hrnet_d2.convert import convert
 from cbam_hrnet_d2.hrnet import HRNET_FEATURES
 
-from .common import get_config
+from .common import CONFIGS, get_config
 
 
 def timm_classifier(width):
@@ -71,8 +71,10 @@ class TestHRNetWeights(unittest.TestCase):
         return os.path.join(cls.tmp.name, name)
 
     def cfg(self, opts=()):
-        # NCHW like timm, so outputs can be compared bit for bit (channels-last: see test_speed.py)
-        return get_config(opts=["MODEL.HRNET.NORM", "BN", "MODEL.HRNET.CHANNELS_LAST", False, *opts])
+        # NCHW like timm, so outputs can be compared bit for bit (channels-last: see test_speed.py);
+        # no MODEL.WEIGHTS, which would win over MODEL.HRNET.PRETRAINED
+        return get_config(opts=["MODEL.HRNET.NORM", "BN", "MODEL.HRNET.CHANNELS_LAST", False,
+                                "MODEL.WEIGHTS", "", *opts])
 
     def assert_trunk_equals_timm(self, model):
         model.eval()
@@ -90,6 +92,30 @@ class TestHRNetWeights(unittest.TestCase):
                     model = build_model(self.cfg())
                     SafeCheckpointer(model).load(out)
                     self.assert_trunk_equals_timm(model)
+
+    def test_default_recipe_loads_converted_weights_into_its_frozen_norms(self):
+        out = self.path("default_recipe_d2.safetensors")
+        convert(self.timm_st, out, 18)
+        cfg = get_config(opts=["MODEL.HRNET.CHANNELS_LAST", False, "MODEL.WEIGHTS", out])
+        self.assertEqual(cfg.MODEL.HRNET.NORM, "FrozenBN")
+        model = build_model(cfg)
+        SafeCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+        model.eval()
+        # the ImageNet statistics sit in the FrozenBN buffers: outputs equal timm's BN-eval network
+        for got, want in zip(trunk_outputs(model, self.x).values(), self.expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    def test_missing_model_weights_names_the_key_and_how_to_get_the_file(self):
+        cfg = get_config()  # the COCO recipe names a converted ImageNet file
+        self.assertTrue(cfg.MODEL.WEIGHTS.endswith("hrnet_w18_in1k_d2.safetensors"))
+        missing = self.path("nowhere/hrnet_w18_in1k_d2.safetensors")
+        with self.assertRaises(FileNotFoundError) as err:
+            SafeCheckpointer(build_model(self.cfg())).resume_or_load(missing, resume=False)
+        text = str(err.exception)
+        for part in ("MODEL.WEIGHTS", missing, "python -m cbam_hrnet_d2.convert",
+                     "mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml"):
+            self.assertIn(part, text)
+        self.assertTrue(os.path.isfile(os.path.join(CONFIGS, "mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml")))
 
     def test_pretrained_key_loads_each_source_format(self):
         for src in (self.timm_pth, self.timm_st, self.official):
