@@ -18,9 +18,11 @@ from .hrnet import (
     HRNET_STAGES,
     HRNET_STRIDES,
     HRNET_WIDTHS,
+    STATELESS_NORMS,
     build_hrnet_trunk,
     freeze_hrnet_stages,
     hrnet_branch_channels,
+    recompute_hrnet_modules,
 )
 
 __all__ = ["CBAMHRNet", "CBAMFPN", "build_cbam_hrnet_backbone", "build_cbam_hrnet_fpn_backbone"]
@@ -46,6 +48,7 @@ class CBAMHRNet(Backbone):
         freeze_at: int = 0,
         channels_last: bool = False,
         fold_bn: bool = False,
+        activation_checkpointing: bool = False,
     ):
         """
         Args:
@@ -60,9 +63,14 @@ class CBAMHRNet(Backbone):
                 on CPU; same results).
             fold_bn (bool): in eval mode without autograd, run a copy of the trunk with BatchNorm
                 folded into the convs (:class:`FoldedTrunk`; same results, trained weights untouched).
+            activation_checkpointing (bool): in training, recompute each stage-2..4 HRNet module in
+                backward instead of keeping its activations (:func:`recompute_hrnet_modules`; needs a
+                norm in :data:`STATELESS_NORMS`).
         """
         super().__init__()
         self.trunk = build_hrnet_trunk(width, in_channels=in_channels, norm=norm)
+        if activation_checkpointing:
+            recompute_hrnet_modules(self.trunk)
         channels = hrnet_branch_channels(width)
         self._out_features = list(HRNET_FEATURES)
         self._out_feature_channels = dict(zip(HRNET_FEATURES, channels))
@@ -168,6 +176,19 @@ def _trunk_norm(cfg) -> str:
     return norm
 
 
+def _activation_checkpointing(cfg, norm: str) -> bool:
+    if not cfg.MODEL.HRNET.ACTIVATION_CHECKPOINTING:
+        return False
+    if norm not in STATELESS_NORMS:
+        logger.info(
+            "MODEL.HRNET.ACTIVATION_CHECKPOINTING is not applied with MODEL.HRNET.NORM %s: a BatchNorm "
+            "in training mode would update its statistics twice per step (stateless norms: %s)",
+            cfg.MODEL.HRNET.NORM, ", ".join(STATELESS_NORMS),
+        )
+        return False
+    return True
+
+
 def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRNet:
     _check_cbam_hrnet_cfg(cfg)
     # fmt: off
@@ -188,6 +209,7 @@ def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRN
         cbam_kernel_size=kernel,
         channels_last=cfg.MODEL.HRNET.CHANNELS_LAST,
         fold_bn=cfg.MODEL.HRNET.FOLD_BN,
+        activation_checkpointing=_activation_checkpointing(cfg, norm),
     )
     if pretrained and cfg.MODEL.WEIGHTS:
         logger.info(

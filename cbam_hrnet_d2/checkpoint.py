@@ -98,7 +98,8 @@ def _fsync_replace(tmp: str, final: str) -> None:
 MISSING_WEIGHTS_HINT = (
     "The COCO configs start from ImageNet HRNet weights, as detectron2's R50 configs do: make the file "
     "with `python -m cbam_hrnet_d2.convert --src <timm or official HRNet ImageNet file> --out <this path> "
-    "--width <W>` (README, 'ImageNet-pretrained HRNet weights'), or train from random init with "
+    "--width <W>` (README, 'ImageNet-pretrained HRNet weights'), or give the unconverted file as "
+    "MODEL.HRNET.PRETRAINED with MODEL.WEIGHTS \"\", or train from random init with "
     "configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml (MODEL.WEIGHTS \"\")."
 )
 

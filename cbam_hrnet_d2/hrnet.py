@@ -8,9 +8,12 @@ owns what timm does not: feature names, strides, norm choice and stage-wise free
 from typing import Dict, List, Tuple
 
 import timm
+import torch
 from detectron2.layers import FrozenBatchNorm2d, get_norm
-from timm.models.hrnet import cfg_cls
+from timm.models.hrnet import HighResolutionModule, cfg_cls
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "HRNET_FEATURES",
@@ -21,6 +24,8 @@ __all__ = [
     "hrnet_branch_channels",
     "build_hrnet_trunk",
     "freeze_hrnet_stages",
+    "STATELESS_NORMS",
+    "recompute_hrnet_modules",
 ]
 
 # Feature names carry log2(stride), like detectron2's res2..res5; FPN turns them into p2..p5.
@@ -29,6 +34,9 @@ HRNET_STRIDES: Tuple[int, ...] = (4, 8, 16, 32)
 # MODEL.HRNET.WIDTH -> timm architecture name (its cfg_cls entry is the width table).
 HRNET_WIDTHS: Dict[int, str] = {18: "hrnet_w18", 32: "hrnet_w32", 48: "hrnet_w48"}
 HRNET_NORMS: Tuple[str, ...] = ("BN", "SyncBN", "FrozenBN", "GN")
+# Norms whose training-mode forward changes no state, so running a module's forward twice (activation
+# checkpointing) gives the same result and leaves the model as one forward would.
+STATELESS_NORMS: Tuple[str, ...] = ("FrozenBN", "GN")
 # Module groups of the timm trunk in forward order; MODEL.BACKBONE.FREEZE_AT=k freezes the first k.
 HRNET_STAGES: Tuple[Tuple[str, ...], ...] = (
     ("conv1", "bn1", "conv2", "bn2"),  # 1: stem
@@ -109,3 +117,42 @@ def freeze_hrnet_stages(trunk: nn.Module, freeze_at: int) -> None:
                 p.requires_grad = False
             setattr(trunk, name, FrozenBatchNorm2d.convert_frozen_batchnorm(module))
 
+
+
+class _RecomputedHRModule(HighResolutionModule):
+    """timm's ``HighResolutionModule`` that, when training with autograd, keeps only its inputs for
+    backward and runs its forward again there (``torch.utils.checkpoint``, non-reentrant)."""
+
+    def forward(self, x: List[torch.Tensor]) -> List[torch.Tensor]:
+        if self.training and torch.is_grad_enabled():
+            # timm's forward writes its branch outputs into the list it is given: hand each run
+            # (forward and recomputation) a fresh list of the same input tensors
+            run = super().forward
+            return checkpoint(lambda *inputs: run(list(inputs)), *x, use_reentrant=False)
+        return super().forward(x)
+
+
+def recompute_hrnet_modules(trunk: nn.Module) -> int:
+    """Activation checkpointing (``MODEL.HRNET.ACTIVATION_CHECKPOINTING``): every stage-2..4
+    ``HighResolutionModule`` of ``trunk`` recomputes its forward in backward instead of keeping its
+    activations. Only the class changes: parameters, buffers and state_dict keys stay. Returns the
+    number of modules changed.
+
+    Raises:
+        ValueError: when a module holds a BatchNorm that is not frozen: in training mode it would
+            update its running statistics twice per step.
+    """
+    count = 0
+    for name, module in trunk.named_modules():
+        if type(module) is not HighResolutionModule:
+            continue
+        stateful = [n for n, m in module.named_modules() if isinstance(m, _BatchNorm)]
+        if stateful:
+            raise ValueError(
+                f"activation checkpointing needs stateless norms ({', '.join(STATELESS_NORMS)}); "
+                f"{name}.{stateful[0]} is a {type(module.get_submodule(stateful[0])).__name__}: set "
+                "MODEL.HRNET.ACTIVATION_CHECKPOINTING False or MODEL.HRNET.NORM to FrozenBN or GN"
+            )
+        module.__class__ = _RecomputedHRModule
+        count += 1
+    return count

@@ -67,6 +67,8 @@ class TestRecipes(unittest.TestCase):
                 self.assertEqual((cfg.MODEL.WEIGHTS, cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.HRNET.NORM),
                                  ("", 0, norm))
                 self.assertFalse(warn_if_frozen_norms_start_random(cfg))
+                if norm == "GN":  # 128-px images: the step time matters, not memory
+                    self.assertFalse(cfg.MODEL.HRNET.ACTIVATION_CHECKPOINTING)
                 trunk = build_model(cfg).backbone.bottom_up.trunk
                 self.assertTrue(all(p.requires_grad for p in trunk.parameters()))
 

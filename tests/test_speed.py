@@ -168,3 +168,71 @@ class TestFoldBatchnorm(unittest.TestCase):
             self.assertIs(cache.get(m), m)
         self.assertIn("MODEL.HRNET.FOLD_BN switched off", "\n".join(logs.output))
         self.assertTrue(cache.disabled)
+
+
+class TestActivationCheckpointing(unittest.TestCase):
+    """MODEL.HRNET.ACTIVATION_CHECKPOINTING: same outputs and gradients, fewer kept activations."""
+
+    X = torch.rand(2, 3, 128, 160) * 2 - 1
+
+    def build(self, on: bool, opts=()):
+        torch.manual_seed(0)
+        model = build_model(get_config(opts=["MODEL.HRNET.ACTIVATION_CHECKPOINTING", on, *opts]))
+        return model.backbone.bottom_up
+
+    def pair(self):
+        on, off = self.build(True), self.build(False)
+        calibrate_norm_statistics(on, self.X)
+        off.load_state_dict(on.state_dict())  # strict: the class swap kept every key
+        return on.train(), off.train()
+
+    def test_on_by_default_for_frozen_bn_and_off_for_batchnorm(self):
+        from cbam_hrnet_d2.hrnet import _RecomputedHRModule
+
+        def recomputed(trunk):
+            return sum(isinstance(m, _RecomputedHRModule) for m in trunk.modules())
+
+        self.assertEqual(recomputed(self.build(True)), 8)  # 1 + 4 + 3 modules of stages 2..4
+        with self.assertLogs("cbam_hrnet_d2.backbone", "INFO") as logs:
+            bn_trunk = self.build(True, ["MODEL.HRNET.NORM", "SyncBN", "MODEL.BACKBONE.FREEZE_AT", 0])
+        self.assertEqual(recomputed(bn_trunk), 0)
+        self.assertIn("would update its statistics twice", "\n".join(logs.output))
+
+    def test_batchnorm_trunk_is_refused_with_the_keys_to_change(self):
+        from cbam_hrnet_d2.hrnet import build_hrnet_trunk, recompute_hrnet_modules
+
+        with self.assertRaisesRegex(ValueError, "MODEL.HRNET.ACTIVATION_CHECKPOINTING False or MODEL.HRNET.NORM"):
+            recompute_hrnet_modules(build_hrnet_trunk(18, norm="BN"))
+
+    def test_outputs_and_gradients_equal_without_checkpointing(self):
+        on, off = self.pair()
+        outs = []
+        for model in (on, off):
+            out = model(self.X)
+            sum(o.square().mean() for o in out.values()).backward()
+            outs.append(out)
+        for name in outs[0]:
+            assert_close(self, outs[0][name].detach(), outs[1][name].detach(), 1e-6)
+        grads = dict(on.named_parameters())
+        checked = 0
+        for name, p in off.named_parameters():
+            if p.requires_grad:
+                assert_close(self, grads[name].grad, p.grad, 1e-5)
+                checked += 1
+        self.assertGreater(checked, 100)
+
+    def test_keeps_less_than_half_the_activations(self):
+        def kept_bytes(model):
+            total = 0
+
+            def pack(t):
+                nonlocal total
+                total += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(self.X)
+            return total
+
+        on, off = self.pair()
+        self.assertLess(kept_bytes(on), 0.5 * kept_bytes(off))
