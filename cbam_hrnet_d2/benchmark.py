@@ -5,7 +5,8 @@
         --size 800 1216 --iters 5 --train-batch 2 --out output/benchmark
 
 Per config: parameters; GMAC of backbone+FPN and of the whole model (fvcore); batch-1 eval latency
-(median of N after a warm-up) of backbone+FPN, of the bare trunk, and of the whole model with the
+(median of N rounds after a warm-up; every round runs every config once, so drift of the machine
+during the run hits all rows alike) of backbone+FPN, of the bare trunk, and of the whole model with the
 proposal and detection counts fixed (1000 fixed boxes through the box head, 100 through the mask
 head, so that random-init models do the same work); training s/iter (median after --train-warmup
 steps, which page the process's memory in) and peak RSS at --train-batch, in a fresh process each,
@@ -202,8 +203,12 @@ def measure_training(config, opts, batch, h, w, iters, warmup, threads, heap: bo
     return queue.get()
 
 
-def measure(config: str, h: int, w: int, iters: int, train_batch: int, train_iters: int, train_warmup: int,
-            threads: int, opts: Sequence[str] = (), heap: bool = True) -> Dict[str, float]:
+TIMED = ("backbone_fpn_s", "trunk_s", "model_s")
+
+
+def prepare_inference(config: str, h: int, w: int, opts: Sequence[str] = ()):
+    """Build ``config`` in eval mode with calibrated norm statistics; count its parameters and GMACs.
+    Returns (row, {TIMED key: callable running that part on one image})."""
     torch.manual_seed(0)
     cfg = load_cfg(config, opts)
     model = build_model(cfg).eval()
@@ -225,13 +230,27 @@ def measure(config: str, h: int, w: int, iters: int, train_batch: int, train_ite
     row["backbone_fpn_GMAC"] = gmac(model.backbone, x)
     row["trunk_GMAC"] = gmac(trunk, x)
     row["model_GMAC"] = gmac(whole, x)
+    timed = {"backbone_fpn_s": lambda: model.backbone(x), "trunk_s": lambda: trunk(x), "model_s": lambda: whole(x)}
+    return row, timed
+
+
+def time_interleaved(timed: Dict[str, Dict[str, Callable[[], object]]], iters: int) -> Dict[str, Dict[str, float]]:
+    """Median seconds of every callable of every config, measured round-robin: each round runs every
+    config once, so a machine that drifts during the run (other load, clocks) shifts all rows alike
+    instead of whichever rows happened to run then. One untimed warm-up round first."""
+    samples = {spec: {key: [] for key in fns} for spec, fns in timed.items()}
     with torch.inference_mode():
-        row["backbone_fpn_s"] = _median_seconds(lambda: model.backbone(x), iters)
-        row["trunk_s"] = _median_seconds(lambda: trunk(x), iters)
-        row["model_s"] = _median_seconds(lambda: whole(x), iters)
-    logger.info("  inference done: %s", {k: round(v, 3) for k, v in row.items()})
-    row.update(measure_training(config, opts, train_batch, h, w, train_iters, train_warmup, threads, heap))
-    return row
+        for fns in timed.values():
+            for fn in fns.values():
+                fn()
+        for r in range(iters):
+            logger.info("inference round %d/%d", r + 1, iters)
+            for spec, fns in timed.items():
+                for key, fn in fns.items():
+                    start = time.perf_counter()
+                    fn()
+                    samples[spec][key].append(time.perf_counter() - start)
+    return {spec: {key: statistics.median(v) for key, v in keys.items()} for spec, keys in samples.items()}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -241,7 +260,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--configs", nargs="+", default=["configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml"],
                         help='config files; one may carry overrides in the same argument: "A.yaml KEY VALUE"')
     parser.add_argument("--size", nargs=2, type=int, default=[800, 1216], metavar=("H", "W"))
-    parser.add_argument("--iters", type=int, default=5, help="timed inference runs (median)")
+    parser.add_argument("--iters", type=int, default=5,
+                        help="timed inference rounds (median); each round runs every config once")
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--train-iters", type=int, default=3, help="timed training iterations (median)")
     parser.add_argument("--train-warmup", type=int, default=2,
@@ -258,16 +278,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     peak = matmul_peak_gmacs()
     logger.info("fp32 matmul peak on %d threads: %.1f GMAC/s", args.threads, peak)
     configs = [REFERENCE] + [c for c in args.configs if c != REFERENCE]
-    rows = {}
+    rows, timed = {}, {}
+    for i, spec in enumerate(configs):
+        logger.info("[%d/%d] building %s", i + 1, len(configs), spec)
+        config, *opts = spec.split()
+        rows[spec], timed[spec] = prepare_inference(config, h, w, opts)
+    for spec, seconds in time_interleaved(timed, args.iters).items():
+        rows[spec].update(seconds)
+        logger.info("  %s: %s", spec, {k: round(v, 3) for k, v in seconds.items()})
+    del timed  # free the models before the training processes start
     start = time.time()
     for i, spec in enumerate(configs):
         eta = (time.time() - start) / i * (len(configs) - i) if i else float("nan")
-        logger.info("[%d/%d] %s (ETA %.0f s)", i + 1, len(configs), spec, eta)
+        logger.info("[%d/%d] training %s (ETA %.0f s)", i + 1, len(configs), spec, eta)
         config, *opts = spec.split()
-        row = measure(config, h, w, args.iters, args.train_batch, args.train_iters, args.train_warmup,
-                      args.threads, opts, heap)
+        rows[spec].update(measure_training(config, opts, args.train_batch, h, w, args.train_iters,
+                                           args.train_warmup, args.threads, heap))
+    for row in rows.values():
         row["trunk_peak_fraction"] = row["trunk_GMAC"] / row["trunk_s"] / peak
-        rows[spec] = row
     ref = rows[REFERENCE]
     for row in rows.values():
         row["backbone_fpn_speedup_vs_R50"] = ref["backbone_fpn_s"] / row["backbone_fpn_s"]

@@ -7,7 +7,14 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from cbam_hrnet_d2.benchmark import REFERENCE, FixedProposals, _synthetic_batch, load_cfg, main
+from cbam_hrnet_d2.benchmark import (
+    REFERENCE,
+    FixedProposals,
+    _synthetic_batch,
+    load_cfg,
+    main,
+    time_interleaved,
+)
 
 from .common import DEFAULT_CONFIG
 
@@ -64,3 +71,14 @@ class TestFixedProposals(unittest.TestCase):
                 self.assertTrue(all(torch.isfinite(v) for v in all_losses.values()))
                 # 50 proposals + 2 ground-truth boxes per image, fewer than 512 to sample
                 self.assertEqual(sampled, [2 * 52])
+
+
+class TestInterleavedTiming(unittest.TestCase):
+    def test_every_round_runs_every_config_once_after_a_warm_up_round(self):
+        calls = []
+        timed = {c: {"a_s": lambda c=c: calls.append(c + "a"), "b_s": lambda c=c: calls.append(c + "b")}
+                 for c in ("x", "y")}
+        seconds = time_interleaved(timed, iters=3)
+        self.assertEqual(calls, ["xa", "xb", "ya", "yb"] * 4)  # warm-up + 3 rounds
+        self.assertEqual(set(seconds), {"x", "y"})
+        self.assertTrue(all(set(v) == {"a_s", "b_s"} and min(v.values()) >= 0 for v in seconds.values()))
