@@ -83,3 +83,15 @@ class TestInterleavedTiming(unittest.TestCase):
         self.assertEqual(calls, ["xa", "xb", "ya", "yb"] + ["xa", "xa", "xb", "ya", "ya", "yb"] * 3)
         self.assertEqual(set(seconds), {"x", "y"})
         self.assertTrue(all(set(v) == {"a_s", "b_s"} and min(v.values()) >= 0 for v in seconds.values()))
+
+
+class TestPeakRSS(unittest.TestCase):
+    def test_peak_rss_grows_with_an_allocation_and_is_a_peak(self):
+        from cbam_hrnet_d2.benchmark import peak_rss_mib
+
+        before = peak_rss_mib()
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        during = peak_rss_mib()
+        del block
+        self.assertGreaterEqual(during - before, 60)
+        self.assertGreater(peak_rss_mib(), during - 1)  # the freed 64 MiB still count: a peak
