@@ -85,13 +85,32 @@ class TestInterleavedTiming(unittest.TestCase):
         self.assertTrue(all(set(v) == {"a_s", "b_s"} and min(v.values()) >= 0 for v in seconds.values()))
 
 
-class TestPeakRSS(unittest.TestCase):
-    def test_peak_rss_grows_with_an_allocation_and_is_a_peak(self):
-        from cbam_hrnet_d2.benchmark import peak_rss_mib
+def _child_peaks(queue):
+    from cbam_hrnet_d2.benchmark import peak_rss_mib
 
-        before = peak_rss_mib()
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        during = peak_rss_mib()
-        del block
-        self.assertGreaterEqual(during - before, 60)
-        self.assertGreater(peak_rss_mib(), during - 1)  # the freed 64 MiB still count: a peak
+    before = peak_rss_mib()
+    block = torch.ones(128 * 2**20 // 4)  # 128 MiB, touched
+    during = peak_rss_mib()
+    del block
+    queue.put((before, during, peak_rss_mib()))
+
+
+class TestPeakRSS(unittest.TestCase):
+    def test_a_spawned_worker_reports_its_own_peak_not_its_parents(self):
+        import multiprocessing as mp
+
+        import psutil
+
+        ballast = torch.ones(768 * 2**20 // 4)  # the parent holds 768 MiB more than the worker will
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child_peaks, args=(queue,))
+        proc.start()
+        before, during, after = queue.get(timeout=300)
+        proc.join()
+        parent = psutil.Process().memory_info().rss / 2**20
+        del ballast
+        # ru_maxrss survives exec: it would read at least the parent's RSS here
+        self.assertLess(before, parent - 500)
+        self.assertGreaterEqual(during - before, 120)
+        self.assertGreater(after, during - 1)  # freed memory still counts: a peak
