@@ -3,7 +3,8 @@ TPAMI 2020) built from timm's ``HighResolutionNet`` with ``feature_location=''``
 branches, no classifier and no ``incre`` / final layers.
 
 The per-width architecture table is timm's ``cfg_cls`` (data); this module only selects from it and
-owns what timm does not: feature names, strides, norm choice and stage-wise freezing.
+owns what timm does not: feature names, strides, norm choice, stage-wise freezing and activation
+checkpointing of the stage modules.
 """
 from typing import Dict, List, Tuple
 
@@ -116,7 +117,6 @@ def freeze_hrnet_stages(trunk: nn.Module, freeze_at: int) -> None:
             for p in module.parameters():
                 p.requires_grad = False
             setattr(trunk, name, FrozenBatchNorm2d.convert_frozen_batchnorm(module))
-
 
 
 class _RecomputedHRModule(HighResolutionModule):
