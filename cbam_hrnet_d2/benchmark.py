@@ -38,7 +38,6 @@ from .engine import keep_large_allocations_in_heap, load_config
 logger = logging.getLogger(__name__)
 
 REFERENCE = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
-REFERENCE_PROPOSALS = "MODEL.RPN.POST_NMS_TOPK_TRAIN fixed proposals per image"
 
 
 def load_cfg(config: str, opts: Sequence[str] = ()):
@@ -131,27 +130,22 @@ def calibrate_norm_statistics(model: torch.nn.Module, x: torch.Tensor) -> None:
         h.remove()
 
 
-def _median_seconds(fn: Callable[[], object], iters: int) -> float:
-    fn()  # warm-up
+def _seconds(fn: Callable[[], object], iters: int) -> List[float]:
+    """Seconds of each of ``iters`` runs of ``fn`` after one untimed warm-up run."""
+    fn()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def matmul_peak_gmacs(n: int = 2048, iters: int = 20) -> float:
     """Best rate of an n x n fp32 matmul over ``iters`` runs: a peak, so the fastest run, which a
     moment of other load on the machine cannot lower (a median once read 47 instead of 112)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return n**3 / min(times) / 1e9
+    return n**3 / min(_seconds(lambda: torch.mm(a, b), iters)) / 1e9
 
 
 def peak_rss_mib() -> float:
@@ -224,12 +218,9 @@ def measure_training(config, opts, batch, h, w, iters, warmup, threads, heap: bo
     return queue.get()
 
 
-TIMED = ("backbone_fpn_s", "trunk_s", "model_s")
-
-
 def prepare_inference(config: str, h: int, w: int, opts: Sequence[str] = ()):
     """Build ``config`` in eval mode with calibrated norm statistics; count its parameters and GMACs.
-    Returns (row, {TIMED key: callable running that part on one image})."""
+    Returns (row, {"backbone_fpn_s" / "trunk_s" / "model_s": callable running that part on one image})."""
     torch.manual_seed(0)
     cfg = load_cfg(config, opts)
     model = build_model(cfg).eval()
@@ -337,7 +328,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     md = (f"Size {h}x{w}, {args.threads} threads, fp32 matmul peak {peak:.1f} GMAC/s, large blocks "
           f"{'in the heap' if heap else 'mmap()ed (glibc default)'}, "
           f"train batch {args.train_batch} ({args.train_iters} timed steps after {args.train_warmup}, "
-          f"{REFERENCE_PROPOSALS})\n\n" + tabulate(table, headers="keys", tablefmt="pipe"))
+          "MODEL.RPN.POST_NMS_TOPK_TRAIN fixed proposals per image)\n\n"
+          + tabulate(table, headers="keys", tablefmt="pipe"))
     with open(os.path.join(args.out, "benchmark.md"), "w") as f:
         f.write(md + "\n")
     logger.info("wrote %s\n%s", os.path.join(args.out, "benchmark.md"), md)
