@@ -6,44 +6,37 @@ Train and evaluate Mask R-CNN with the CBAM-HRNet backbone, like detectron2's to
     python train_net.py --config-file configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml --num-gpus 8
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
 
-Without CUDA it runs on the CPU; ``--num-gpus N`` then starts N CPU processes (gloo).
+Without CUDA it runs on the CPU; ``--num-gpus N`` then starts N CPU processes (gloo). SIGTERM or
+SIGINT stops training after the current step with a checkpoint (see cbam_hrnet_d2/preemption.py).
 """
 import os
+import weakref
 
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from cbam_hrnet_d2.data import check_datasets, register_from_cfg
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
-from cbam_hrnet_d2.resume import capture_rng_state, prepare_exact_resume
+from cbam_hrnet_d2.data import check_datasets, register_from_cfg
+from cbam_hrnet_d2.data_loader import BadImageCounter, build_test_loader, build_train_loader
 from cbam_hrnet_d2.engine import (
     MemoryMonitor,
     build_optimizer,
+    cpu_ddp_patch,
     load_config,
     set_cpu_threads,
     warn_if_frozen_norms_start_random,
-    trainer_patches,
     write_results,
 )
+from cbam_hrnet_d2.preemption import Preemption, launch
+from cbam_hrnet_d2.resume import ExactResume, ResumableLoader
 
 
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
-        with trainer_patches():
+        with cpu_ddp_patch():
             super().__init__(cfg)
-
-    def state_dict(self):
-        return {**super().state_dict(), "rng": capture_rng_state()}
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        self._resume_rng = state_dict.get("rng")
-
-    def train(self):
-        prepare_exact_resume(self, self.cfg, getattr(self, "_resume_rng", None))
-        return super().train()
 
     def run_step(self):
         try:
@@ -57,10 +50,31 @@ class Trainer(DefaultTrainer):
             ) from e
 
     def build_hooks(self):
+        # detectron2 builds its DetectionCheckpointer just before calling build_hooks: ours saves
+        # atomically and never runs code from a file
+        self.checkpointer = SafeCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         hooks = super().build_hooks()
-        # before the PeriodicWriter (last on the main process), so the RSS reaches metrics.json
-        hooks.insert(len(hooks) - 1 if comm.is_main_process() else len(hooks), MemoryMonitor())
-        return hooks
+        cfg = self.cfg
+        exact = ExactResume(
+            self._trainer.data_loader,
+            enabled=cfg.DATALOADER.EXACT_RESUME,
+            seed=cfg.SEED,
+            checkpoint_period=cfg.SOLVER.CHECKPOINT_PERIOD,
+        )
+        # ExactResume first (replays data before any step, gathers RNG states before a checkpoint);
+        # the RSS and bad-image counts before the PeriodicWriter (last on the main process), so they
+        # reach metrics.json; Preemption last (after the periodic checkpoint of the same iteration).
+        at = len(hooks) - 1 if comm.is_main_process() else len(hooks)
+        hooks[at:at] = [MemoryMonitor(), BadImageCounter(cfg.OUTPUT_DIR)]
+        return [exact, *hooks, Preemption()]
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return ResumableLoader(build_train_loader(cfg))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

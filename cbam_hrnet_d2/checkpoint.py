@@ -4,7 +4,8 @@
   ``torch.load(weights_only=True)``, and detectron2's pickled ``.pkl`` model-zoo format through a
   restricted unpickler that only rebuilds numpy arrays and plain containers.
 * Saving is atomic: a checkpoint is written to a hidden temporary file, flushed to disk and renamed;
-  ``last_checkpoint`` is replaced the same way and only after that.
+  ``last_checkpoint`` is replaced the same way and only after that. A failed write (disk full,
+  permission, I/O error) removes its temporary file and names the path and the reason.
 """
 import logging
 import os
@@ -17,8 +18,16 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint import detection_checkpoint as _d2_checkpoint
 
-__all__ = ["UnsafeCheckpointError", "restricted_pickle_load", "load_tensor_file", "SafeCheckpointer",
-           "MISSING_WEIGHTS_HINT"]
+from .files import FileWriteError, atomic_write, atomic_write_text
+
+__all__ = [
+    "UnsafeCheckpointError",
+    "restricted_pickle_load",
+    "load_tensor_file",
+    "SafeCheckpointer",
+    "FileWriteError",
+    "MISSING_WEIGHTS_HINT",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +98,6 @@ def load_tensor_file(path: str) -> Dict[str, Any]:
         raise ValueError(f"{path}: not a checkpoint or truncated ({type(e).__name__}: {e})") from e
 
 
-def _fsync_replace(tmp: str, final: str) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 MISSING_WEIGHTS_HINT = (
     "The COCO configs start from ImageNet HRNet weights, as detectron2's R50 configs do: make the file "
     "with `python -m cbam_hrnet_d2.convert --src <timm or official HRNet ImageNet file> --out <this path> "
@@ -106,8 +109,6 @@ MISSING_WEIGHTS_HINT = (
 
 class SafeCheckpointer(DetectionCheckpointer):
     """:class:`DetectionCheckpointer` with safe loading and atomic saving (see module doc)."""
-
-    _INCOMPLETE = ".incomplete"
 
     def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         # fvcore's own check is a bare assert; name the key and the ways to get the file instead
@@ -133,25 +134,21 @@ class SafeCheckpointer(DetectionCheckpointer):
         return super()._load_file(filename)
 
     def save(self, name: str, **kwargs: Any) -> None:
-        # fvcore writes "<name>.pth" in place and then tags it; write a hidden temporary file
-        # instead and let tag_last_checkpoint() rename it once it is complete.
-        self._pending_name = name
-        try:
-            super().save(f".{name}{self._INCOMPLETE}", **kwargs)
-        finally:
-            self._pending_name = None
+        """fvcore's ``save`` (model + checkpointables + ``kwargs`` into ``save_dir/<name>.pth``, then
+        ``last_checkpoint``), with both files written atomically (:func:`atomic_write`). A write that
+        fails raises :class:`FileWriteError` naming the file and why, removes its temporary file and
+        leaves the previous checkpoint and ``last_checkpoint`` as they were."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", save_file)
+        atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        pending = getattr(self, "_pending_name", None)
-        if pending is not None:
-            final = f"{pending}.pth"
-            _fsync_replace(
-                os.path.join(self.save_dir, last_filename_basename), os.path.join(self.save_dir, final)
-            )
-            last_filename_basename = final
-        save_file = os.path.join(self.save_dir, "last_checkpoint")
-        tmp = f"{save_file}{self._INCOMPLETE}"
-        with open(tmp, "w") as f:
-            f.write(last_filename_basename)
-        _fsync_replace(tmp, save_file)
-
+        atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)

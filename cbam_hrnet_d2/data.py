@@ -20,6 +20,8 @@ from detectron2.data.datasets import load_coco_json
 from detectron2.utils import comm
 from tqdm import tqdm
 
+from .data_check import check_dataset, validate_coco_json
+
 __all__ = [
     "SHAPES_CATEGORIES",
     "SHAPES_SPLITS",
@@ -31,6 +33,7 @@ __all__ = [
     "register_from_cfg",
     "validate_coco_json",
     "check_datasets",
+    "check_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -260,9 +263,18 @@ def ensure_shapes(root: Optional[str] = None, splits: Sequence[str] = tuple(SHAP
 
 
 def load_coco_instances(json_file: str, image_root: str, name: str) -> List[dict]:
-    """detectron2's ``load_coco_json``, plus: instances whose segmentation is empty are dropped too
-    (detectron2 keeps them without a mask, which breaks mask training), with one counted warning."""
-    dicts = load_coco_json(json_file, image_root, name)
+    """detectron2's ``load_coco_json`` after :func:`validate_coco_json` (errors name the file and the
+    entry, also when called through ``DatasetCatalog.get``), plus: instances whose segmentation is
+    empty are dropped too (detectron2 keeps them without a mask, which breaks mask training), with one
+    counted warning."""
+    validate_coco_json(json_file, image_root)
+    try:
+        dicts = load_coco_json(json_file, image_root, name)
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
+        raise ValueError(
+            f"Dataset {name!r}: detectron2 could not load {json_file} ({type(e).__name__}: {e}); "
+            f"`python -m cbam_hrnet_d2.data --check {name}` lists what is wrong with it"
+        ) from e
     dropped = 0
     for d in dicts:
         kept = [a for a in d.get("annotations", []) if "segmentation" in a]
@@ -317,35 +329,6 @@ def register_from_cfg(cfg) -> None:
         register_coco_json(*entry)
 
 
-def validate_coco_json(json_file: str, image_root: str) -> None:
-    """Raise ValueError naming the file and the entry for: a file that is not JSON, an annotation
-    whose category id is not in ``categories``, an annotation of an unknown image, or an image file
-    that does not exist. (Degenerate polygons are dropped by detectron2's loader with one warning
-    that counts them; image sizes are checked against the annotation when images are read.)"""
-    try:
-        with open(json_file) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{json_file} is not valid JSON: {e}") from e
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise ValueError(f"{json_file} is not a COCO instances file: no '{key}' list")
-    cat_ids = {c["id"] for c in data["categories"]}
-    images = {img["id"]: img for img in data["images"]}
-    for ann in data["annotations"]:
-        if ann.get("category_id") not in cat_ids:
-            raise ValueError(
-                f"{json_file}: annotation id {ann.get('id')} has category_id {ann.get('category_id')}, "
-                f"which is not in 'categories' (ids {sorted(cat_ids)})"
-            )
-        if ann.get("image_id") not in images:
-            raise ValueError(f"{json_file}: annotation id {ann.get('id')} names unknown image_id {ann.get('image_id')}")
-    for img in data["images"]:
-        path = os.path.join(image_root, img["file_name"])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{json_file}: image id {img['id']} names {path}, which does not exist")
-
-
 def check_datasets(cfg) -> None:
     """Fail early, with where it looked and how to fix it, if a dataset of the cfg is missing.
     Missing shapes splits are generated (on the main process only)."""
@@ -377,19 +360,49 @@ def check_datasets(cfg) -> None:
 register_shapes()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     from detectron2.utils.logger import setup_logger
 
-    parser = argparse.ArgumentParser(description="Generate the embedded shapes dataset.")
+    parser = argparse.ArgumentParser(
+        description="Generate the embedded shapes dataset, or check registered datasets (--check)."
+    )
     parser.add_argument("--out", default=None, help="dataset root (default $DETECTRON2_DATASETS)")
     parser.add_argument("--splits", nargs="+", default=list(SHAPES_SPLITS), choices=list(SHAPES_SPLITS))
     parser.add_argument("--force", action="store_true", help="regenerate existing splits")
+    parser.add_argument(
+        "--check", nargs="+", metavar="NAME",
+        help="check these registered datasets: every image decodes, its size matches the json, every "
+        "box and mask is valid (shapes_*, coco_2017_*, or names of --config-file's DATASETS.REGISTER_COCO)",
+    )
+    parser.add_argument("--config-file", default=None, help="with --check: register its DATASETS.REGISTER_COCO")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="with --config-file: KEY VALUE overrides")
     args = parser.parse_args(argv)
     setup_logger(name=logger.name)
+    if args.check:
+        if args.config_file:
+            from .engine import load_config
+
+            register_from_cfg(load_config(args.config_file, args.opts))
+        bad = 0
+        for name in args.check:
+            if name not in DatasetCatalog.list():
+                logger.error("Dataset %r is not registered (give --config-file for DATASETS.REGISTER_COCO)", name)
+                bad += 1
+                continue
+            if name.startswith("shapes_"):
+                ensure_shapes(args.out, [name[len("shapes_"):]])
+            problems = check_dataset(name)
+            for line in problems:
+                logger.error("%s: %s", name, line)
+            logger.info("%s: %s", name, f"{len(problems)} problem(s)" if problems else "ok")
+            bad += len(problems)
+        return 1 if bad else 0
     if args.force:
         for split in args.splits:
             generate_shapes(shapes_root(args.out), split, *SHAPES_SPLITS[split])
     ensure_shapes(args.out, args.splits)
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

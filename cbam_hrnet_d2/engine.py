@@ -17,13 +17,13 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from detectron2.utils import comm
 from tabulate import tabulate
 
-from .checkpoint import SafeCheckpointer
+from .files import atomic_write_text
 from .config import add_cbam_hrnet_config
 
 __all__ = [
     "load_config",
     "build_optimizer",
-    "trainer_patches",
+    "cpu_ddp_patch",
     "set_cpu_threads",
     "warn_if_frozen_norms_start_random",
     "keep_large_allocations_in_heap",
@@ -67,13 +67,11 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 @contextlib.contextmanager
-def trainer_patches() -> Iterator[None]:
-    """Wrap ``DefaultTrainer.__init__`` in this context. Inside it:
-
-    * CPU models get DDP with ``device_ids=None`` (gloo): detectron2 passes ``[local_rank]``, which
-      DistributedDataParallel rejects for CPU modules. CUDA models are wrapped as detectron2 does.
-    * the trainer's checkpointer is :class:`SafeCheckpointer` (atomic saves, no code on load).
-    """
+def cpu_ddp_patch() -> Iterator[None]:
+    """Wrap ``DefaultTrainer.__init__`` in this context: CPU models then get DDP with
+    ``device_ids=None`` (gloo). detectron2 passes ``[local_rank]``, which DistributedDataParallel
+    rejects for CPU modules, and calls its module-level ``create_ddp_model`` inside ``__init__``,
+    which leaves no other seam. CUDA models are wrapped as detectron2 does."""
     original = defaults.create_ddp_model
 
     def create_ddp_model(model, **kwargs):
@@ -81,9 +79,7 @@ def trainer_patches() -> Iterator[None]:
             kwargs["device_ids"] = None
         return original(model, **kwargs)
 
-    with mock.patch.object(defaults, "create_ddp_model", create_ddp_model), mock.patch.object(
-        defaults, "DetectionCheckpointer", SafeCheckpointer
-    ):
+    with mock.patch.object(defaults, "create_ddp_model", create_ddp_model):
         yield
 
 
@@ -127,10 +123,7 @@ def write_results(results: Dict[str, Dict[str, Dict[str, float]]], output_dir: s
         ("results.json", json.dumps(results, indent=2)),
         ("ap_tables.md", "\n".join(lines) + "\n"),
     ):
-        path = os.path.join(output_dir, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(os.path.join(output_dir, name), text)
     logger.info("AP tables written to %s", os.path.join(output_dir, "ap_tables.md"))
 
 

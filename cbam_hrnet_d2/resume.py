@@ -1,25 +1,32 @@
-"""Exact resume: RNG states in the checkpoint, and the training data stream replayed to where it was.
+"""Exact resume: the RNG states of every process in the checkpoint, the data stream replayed.
 
 detectron2 restores the model, optimizer, LR scheduler and iteration on ``--resume``, but its data
 loader starts its (seeded) sample stream from the beginning again and the RNGs start from the seed.
-With ``DATALOADER.EXACT_RESUME`` and a fixed ``SEED``, the trainer here instead
+With ``DATALOADER.EXACT_RESUME`` and a fixed ``SEED``, the :class:`ExactResume` hook instead
 
-1. replays the training data stream up to the resumed iteration (indices, augmentations and
-   aspect-ratio grouping exactly as in the interrupted run; the batches are thrown away), then
-2. restores the python / numpy / torch RNG states saved with the checkpoint,
+1. saves the python / numpy / torch RNG states of every process with each checkpoint (detectron2
+   checkpoints every hook's ``state_dict()``; with several processes they are gathered on the
+   iterations that write a checkpoint: periodic, final, preemption),
+2. on resume replays the training data stream of each process up to the resumed iteration (indices,
+   augmentations and aspect-ratio grouping exactly as in the interrupted run; the batches are thrown
+   away) through :class:`ResumableLoader`, then
+3. restores each process's own RNG states,
 
 so that iterations after the resume see the same batches and random draws as an uninterrupted run.
 """
 import logging
 import random
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
+from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["capture_rng_state", "restore_rng_state", "prepare_exact_resume"]
+from .preemption import stop_requested
+
+__all__ = ["capture_rng_state", "restore_rng_state", "ResumableLoader", "ExactResume"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,32 +60,85 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def prepare_exact_resume(trainer, cfg, rng_state) -> None:
-    """Call before the first step of a resumed ``DefaultTrainer`` (``trainer.start_iter > 0``):
-    replay ``start_iter`` batches of the training stream and restore ``rng_state``."""
-    start = trainer.start_iter
-    if start == 0 or not cfg.DATALOADER.EXACT_RESUME:
-        if start:
+class ResumableLoader:
+    """Wraps a training data loader; :meth:`fast_forward` starts its iterator and consumes ``n`` batches,
+    and the trainer's first ``iter()`` then continues that iterator."""
+
+    def __init__(self, loader: Iterable):
+        self.loader = loader
+        self._started: Optional[Iterator] = None
+
+    def fast_forward(self, n: int) -> None:
+        it = iter(self.loader)
+        t0 = time.perf_counter()
+        for i in range(n):
+            next(it)
+            if (i + 1) % 100 == 0 or i + 1 == n:
+                rate = (i + 1) / (time.perf_counter() - t0)
+                logger.info("Exact resume: replayed %d/%d batches of the data stream, ETA %.0f s",
+                            i + 1, n, (n - i - 1) / rate)
+        self._started = it
+
+    def __iter__(self) -> Iterator:
+        it, self._started = self._started, None
+        return it if it is not None else iter(self.loader)
+
+
+class ExactResume(HookBase):
+    """See the module doc. Register it before the checkpointing hooks; ``loader`` is the trainer's
+    training loader."""
+
+    def __init__(self, loader: ResumableLoader, *, enabled: bool, seed: int, checkpoint_period: int):
+        self._loader = loader
+        self._enabled = enabled
+        self._seed = seed
+        self._period = checkpoint_period
+        self._gathered: Optional[Dict[str, Any]] = None  # {"iteration": i, "ranks": [state per rank]}
+        self._loaded: Optional[Dict[str, Any]] = None
+
+    def _checkpoint_due(self) -> bool:
+        it, trainer = self.trainer.iter, self.trainer
+        return (it + 1) % self._period == 0 or it + 1 >= trainer.max_iter or stop_requested(trainer)
+
+    def after_step(self):
+        # With several processes only the main one writes the checkpoint: gather the others' states
+        # (a collective, on the same iterations in every process) before it does.
+        if self._enabled and comm.get_world_size() > 1 and self._checkpoint_due():
+            self._gathered = {"iteration": self.trainer.iter, "ranks": comm.all_gather(capture_rng_state())}
+
+    def state_dict(self) -> Dict[str, Any]:
+        if not self._enabled:
+            return {}
+        if comm.get_world_size() == 1:
+            return {"iteration": self.trainer.iter, "ranks": [capture_rng_state()]}
+        if self._gathered is not None and self._gathered["iteration"] == self.trainer.iter:
+            return self._gathered
+        return {}  # a save outside the gathering iterations: resume will not restore RNG states
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._loaded = state_dict
+
+    def before_train(self):
+        start = self.trainer.start_iter
+        if start == 0:
+            return
+        if not self._enabled:
             logger.info("Resumed at iteration %d; the data stream restarts from its beginning "
                         "(DATALOADER.EXACT_RESUME True replays it instead)", start)
-        return
-    if cfg.SEED < 0:
-        logger.warning("DATALOADER.EXACT_RESUME needs a fixed SEED (SEED = %d): resuming without replay", cfg.SEED)
-        return
-    if rng_state is None:
-        logger.warning("The checkpoint holds no RNG state (written by another trainer): resuming without replay")
-        return
-    if comm.get_world_size() > 1:
-        logger.warning("DATALOADER.EXACT_RESUME is exact for one process only: the checkpoint holds "
-                       "the RNG state of rank 0; replaying the data stream, RNG states not restored")
-    data_iter = trainer._trainer._data_loader_iter  # detectron2 creates it on first use
-    t0 = time.perf_counter()
-    for i in range(start):
-        next(data_iter)
-        if (i + 1) % 100 == 0 or i + 1 == start:
-            rate = (i + 1) / (time.perf_counter() - t0)
-            logger.info("Exact resume: replayed %d/%d batches of the data stream, ETA %.0f s",
-                        i + 1, start, (start - i - 1) / rate)
-    if comm.get_world_size() == 1:
-        restore_rng_state(rng_state)
-    logger.info("Exact resume: data stream and RNG states are where iteration %d left them", start - 1)
+            return
+        if self._seed < 0:
+            logger.warning("DATALOADER.EXACT_RESUME needs a fixed SEED (SEED = %d): resuming without replay", self._seed)
+            return
+        ranks = (self._loaded or {}).get("ranks")
+        if not ranks:
+            logger.warning("The checkpoint holds no RNG states (written without DATALOADER.EXACT_RESUME or by "
+                           "another trainer): resuming without replay")
+            return
+        if len(ranks) != comm.get_world_size():
+            logger.warning("The checkpoint holds the RNG states of %d process(es), this run has %d: resuming "
+                           "without replay", len(ranks), comm.get_world_size())
+            return
+        self._loader.fast_forward(start)
+        restore_rng_state(ranks[comm.get_rank()])
+        logger.info("Exact resume: data stream and RNG states of process %d are where iteration %d left them",
+                    comm.get_rank(), start - 1)

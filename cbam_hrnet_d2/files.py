@@ -1,0 +1,62 @@
+"""Atomic file writes: the one place that writes a file next to its final name and renames it.
+
+A reader (or a process killed mid-write) never sees a half-written file under the final name, and a
+write that fails (disk full, permission, I/O error) removes its temporary file and leaves whatever
+was under the final name untouched.
+"""
+import errno
+import os
+import shutil
+from typing import IO, Callable
+
+__all__ = ["atomic_write", "atomic_write_text", "FileWriteError"]
+
+
+class FileWriteError(OSError):
+    """Writing ``path`` failed; its previous content (if any) is intact and no temporary file remains."""
+
+
+def _why(exc: BaseException, directory: str) -> str:
+    err = getattr(exc, "errno", None)
+    text = f"{type(exc).__name__}: {exc}"
+    # torch.save reports a full disk as a RuntimeError of its zip writer, without an errno
+    if err == errno.ENOSPC or "file write failed" in str(exc):
+        try:
+            free = shutil.disk_usage(directory).free / 2**20
+            text += f" (disk full? {free:.1f} MiB free in {directory})"
+        except OSError:
+            pass
+    return text
+
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None], *, fsync: bool = True) -> None:
+    """Call ``write(f)`` on a hidden temporary file in the directory of ``path``, flush it to disk and
+    rename it to ``path``.
+
+    Raises:
+        FileWriteError: naming ``path`` and the reason; the temporary file is removed.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.incomplete")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise FileWriteError(
+            getattr(e, "errno", None) or errno.EIO,
+            f"could not write {path}: {_why(e, directory)}. The temporary file was removed; what was "
+            f"in {path} before (if anything) is unchanged.",
+        ) from e
+
+
+def atomic_write_text(path: str, text: str, *, fsync: bool = True) -> None:
+    """:func:`atomic_write` of a UTF-8 text."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), fsync=fsync)
