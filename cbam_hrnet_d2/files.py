@@ -16,11 +16,22 @@ class FileWriteError(OSError):
     """Writing ``path`` failed; its previous content (if any) is intact and no temporary file remains."""
 
 
+def _root_os_error(exc: BaseException):
+    """The first OSError in ``exc``'s chain: torch.save reports a full disk as a RuntimeError of its zip
+    writer raised while handling the OSError of the write."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _why(exc: BaseException, directory: str) -> str:
-    err = getattr(exc, "errno", None)
-    text = f"{type(exc).__name__}: {exc}"
-    # torch.save reports a full disk as a RuntimeError of its zip writer, without an errno
-    if err == errno.ENOSPC or "file write failed" in str(exc):
+    root = _root_os_error(exc) or exc
+    text = f"{type(root).__name__}: {root}"
+    if getattr(root, "errno", None) == errno.ENOSPC:
         try:
             free = shutil.disk_usage(directory).free / 2**20
             text += f" (disk full? {free:.1f} MiB free in {directory})"
@@ -51,7 +62,7 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None], *, fsync: bool =
         except FileNotFoundError:
             pass
         raise FileWriteError(
-            getattr(e, "errno", None) or errno.EIO,
+            getattr(_root_os_error(e), "errno", None) or errno.EIO,
             f"could not write {path}: {_why(e, directory)}. The temporary file was removed; what was "
             f"in {path} before (if anything) is unchanged.",
         ) from e

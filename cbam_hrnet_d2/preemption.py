@@ -72,6 +72,7 @@ class Preemption(HookBase):
 
     def __init__(self):
         self._previous = {}
+        self._message = None
 
     def before_train(self):
         global _received
@@ -82,6 +83,8 @@ class Preemption(HookBase):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+        if self._message:  # the last line of the log (this hook's after_train runs last)
+            logger.warning(self._message)
 
     def after_step(self):
         if not stop_requested(self.trainer):
@@ -98,10 +101,10 @@ class Preemption(HookBase):
         signum = _received or signal.SIGTERM
         code = 128 + int(signum)
         if comm.is_main_process():
-            logger.warning(
-                "Stopped by %s after iteration %d: checkpoint %s (last_checkpoint updated). Resume with: %s",
-                signal.Signals(signum).name if _received else "a signal to another process", it, path,
-                _resume_command(),
+            by = signal.Signals(signum).name if _received else "a signal to another process"
+            self._message = (
+                f"Stopped by {by} after iteration {it}: checkpoint {path} (last_checkpoint updated). "
+                f"Resume with: {_resume_command()}"
             )
         raise TrainingStopped(code)
 
