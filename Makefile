@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONWARNINGS ?= ignore::FutureWarning,ignore::UserWarning
 
-.PHONY: setup test test-fast quickstart clean
+.PHONY: setup test test-fast lint format quickstart clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -12,6 +12,15 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+# formatter (black style), import order and linter, configured in pyproject.toml
+lint: setup
+	.venv/bin/ruff format --check --diff .
+	.venv/bin/ruff check .
+
+format: setup
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
 
 quickstart: setup
 	@bash tools/quickstart.sh
