@@ -9,6 +9,7 @@ Train and evaluate Mask R-CNN with the CBAM-HRNet backbone, like detectron2's to
 Without CUDA it runs on the CPU; ``--num-gpus N`` then starts N CPU processes (gloo). SIGTERM or
 SIGINT stops training after the current step with a checkpoint (see cbam_hrnet_d2/preemption.py).
 """
+
 import os
 import weakref
 
@@ -18,19 +19,15 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
+from cbam_hrnet_d2.config import load_config, warn_if_frozen_norms_start_random
+from cbam_hrnet_d2.cpu import cpu_ddp_patch, set_cpu_threads
 from cbam_hrnet_d2.data import check_datasets, register_from_cfg
 from cbam_hrnet_d2.data_loader import BadImageCounter, build_test_loader, build_train_loader
-from cbam_hrnet_d2.engine import (
-    MemoryMonitor,
-    build_optimizer,
-    cpu_ddp_patch,
-    load_config,
-    set_cpu_threads,
-    warn_if_frozen_norms_start_random,
-    write_results,
-)
+from cbam_hrnet_d2.memory import MemoryMonitor
 from cbam_hrnet_d2.preemption import Preemption, launch
+from cbam_hrnet_d2.results import write_results
 from cbam_hrnet_d2.resume import ExactResume, ResumableLoader
+from cbam_hrnet_d2.solver import build_optimizer
 
 
 class Trainer(DefaultTrainer):
@@ -52,7 +49,9 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         # detectron2 builds its DetectionCheckpointer just before calling build_hooks: ours saves
         # atomically and never runs code from a file
-        self.checkpointer = SafeCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = SafeCheckpointer(
+            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
         hooks = super().build_hooks()
         cfg = self.cfg
         exact = ExactResume(
@@ -91,7 +90,9 @@ class Trainer(DefaultTrainer):
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process():
             # DefaultTrainer.test drops the dataset level when there is one dataset
-            per_dataset = {cfg.DATASETS.TEST[0]: results} if len(cfg.DATASETS.TEST) == 1 else results
+            per_dataset = (
+                {cfg.DATASETS.TEST[0]: results} if len(cfg.DATASETS.TEST) == 1 else results
+            )
             write_results(per_dataset, cfg.OUTPUT_DIR)
         return results
 

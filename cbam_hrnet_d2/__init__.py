@@ -1,4 +1,5 @@
 """cbam_hrnet_d2: HRNet + CBAM backbone for Detectron2. Importing it registers the backbones."""
+
 from . import backbone as _  # noqa: F401  (registers the two builders in BACKBONE_REGISTRY)
 from . import roi_align as _roi  # noqa: F401  (registers SparseROIAlignROIHeads in ROI_HEADS_REGISTRY)
 from .backbone import (

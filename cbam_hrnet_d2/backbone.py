@@ -1,5 +1,6 @@
 """Detectron2 backbones: HRNet trunk + CBAM (``build_cbam_hrnet_backbone``) and that + FPN
 (``build_cbam_hrnet_fpn_backbone``). Both are registered in ``BACKBONE_REGISTRY``."""
+
 import logging
 from typing import Dict, Sequence
 
@@ -106,7 +107,9 @@ class CBAMHRNet(Backbone):
         Returns:
             dict[str->Tensor]: hr2..hr5, each (N, C_i, H / s_i, W / s_i).
         """
-        assert x.dim() == 4, f"CBAMHRNet takes an input of shape (N, C, H, W). Got {x.shape} instead!"
+        assert x.dim() == 4, (
+            f"CBAMHRNet takes an input of shape (N, C, H, W). Got {x.shape} instead!"
+        )
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         trunk = self.trunk
@@ -183,7 +186,8 @@ def _activation_checkpointing(cfg, norm: str) -> bool:
         logger.info(
             "MODEL.HRNET.ACTIVATION_CHECKPOINTING is not applied with MODEL.HRNET.NORM %s: a BatchNorm "
             "in training mode would update its statistics twice per step (stateless norms: %s)",
-            cfg.MODEL.HRNET.NORM, ", ".join(STATELESS_NORMS),
+            cfg.MODEL.HRNET.NORM,
+            ", ".join(STATELESS_NORMS),
         )
         return False
     return True
@@ -214,7 +218,8 @@ def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRN
     if pretrained and cfg.MODEL.WEIGHTS:
         logger.info(
             "MODEL.WEIGHTS (%s) is set and wins: MODEL.HRNET.PRETRAINED (%s) is not loaded",
-            cfg.MODEL.WEIGHTS, pretrained,
+            cfg.MODEL.WEIGHTS,
+            pretrained,
         )
     elif pretrained:
         load_pretrained_trunk(backbone.trunk, pretrained, width)

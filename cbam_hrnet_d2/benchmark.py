@@ -14,12 +14,12 @@ with the RPN's proposals replaced by the same fixed boxes (its losses kept: a ra
 proposes anything from 0 boxes, as R50 does at 800 px, to its full top-k); achieved GMAC/s of the trunk as a fraction of the fp32 matmul peak measured in the same run. Writes benchmark.md
 and benchmark.json.
 """
+
 import argparse
 import json
 import logging
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -33,7 +33,9 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn import FlopCountAnalysis as TensorFlopCount
 from tabulate import tabulate
 
-from .engine import keep_large_allocations_in_heap, load_config
+from .config import load_config
+from .cpu import keep_large_allocations_in_heap
+from .memory import peak_rss_mib
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +125,9 @@ def calibrate_norm_statistics(model: torch.nn.Module, x: torch.Tensor) -> None:
         if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d))
     ]
     was_training = model.training
-    with torch.enable_grad():  # with autograd on, MODEL.HRNET.FOLD_BN leaves the BatchNorms in place
+    with (
+        torch.enable_grad()
+    ):  # with autograd on, MODEL.HRNET.FOLD_BN leaves the BatchNorms in place
         model.eval()(x)
     model.train(was_training)
     for h in handles:
@@ -148,20 +152,6 @@ def matmul_peak_gmacs(n: int = 2048, iters: int = 20) -> float:
     return n**3 / min(_seconds(lambda: torch.mm(a, b), iters)) / 1e9
 
 
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process since it started. Linux's VmHWM belongs to the process's
-    own address space; ``ru_maxrss`` is not reset by exec, so a spawned worker would report at least
-    the RSS its parent had when it forked (the benchmark's parent holds every model)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _synthetic_batch(batch: int, h: int, w: int, num_instances: int = 8):
     g = torch.Generator().manual_seed(0)
     out = []
@@ -179,8 +169,18 @@ def _synthetic_batch(batch: int, h: int, w: int, num_instances: int = 8):
     return out
 
 
-def _train_worker(config: str, opts: List[str], batch: int, h: int, w: int, iters: int, warmup: int,
-                  threads: int, queue, heap: bool = True):
+def _train_worker(
+    config: str,
+    opts: List[str],
+    batch: int,
+    h: int,
+    w: int,
+    iters: int,
+    warmup: int,
+    threads: int,
+    queue,
+    heap: bool = True,
+):
     torch.set_num_threads(threads)
     if heap:
         keep_large_allocations_in_heap()
@@ -188,7 +188,9 @@ def _train_worker(config: str, opts: List[str], batch: int, h: int, w: int, iter
     cfg = load_cfg(config, opts)
     model = build_model(cfg)
     calibrate_norm_statistics(model.backbone, torch.rand(1, 3, h, w) * 2 - 1)
-    model.proposal_generator = FixedProposals(model.proposal_generator, cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN)
+    model.proposal_generator = FixedProposals(
+        model.proposal_generator, cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN
+    )
     model.train()
     # lr 0: the same work per step, and random-init weights cannot diverge between timed steps
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
@@ -207,14 +209,21 @@ def _train_worker(config: str, opts: List[str], batch: int, h: int, w: int, iter
     queue.put({"train_s_per_iter": statistics.median(times), "train_peak_rss_mib": peak_mib})
 
 
-def measure_training(config, opts, batch, h, w, iters, warmup, threads, heap: bool = True) -> Dict[str, float]:
+def measure_training(
+    config, opts, batch, h, w, iters, warmup, threads, heap: bool = True
+) -> Dict[str, float]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_train_worker, args=(config, list(opts), batch, h, w, iters, warmup, threads, queue, heap))
+    proc = ctx.Process(
+        target=_train_worker,
+        args=(config, list(opts), batch, h, w, iters, warmup, threads, queue, heap),
+    )
     proc.start()
     proc.join()
     if proc.exitcode != 0 or queue.empty():
-        raise RuntimeError(f"training measurement of {config} failed (exit code {proc.exitcode}); see the log above")
+        raise RuntimeError(
+            f"training measurement of {config} failed (exit code {proc.exitcode}); see the log above"
+        )
     return queue.get()
 
 
@@ -242,11 +251,17 @@ def prepare_inference(config: str, h: int, w: int, opts: Sequence[str] = ()):
     row["backbone_fpn_GMAC"] = gmac(model.backbone, x)
     row["trunk_GMAC"] = gmac(trunk, x)
     row["model_GMAC"] = gmac(whole, x)
-    timed = {"backbone_fpn_s": lambda: model.backbone(x), "trunk_s": lambda: trunk(x), "model_s": lambda: whole(x)}
+    timed = {
+        "backbone_fpn_s": lambda: model.backbone(x),
+        "trunk_s": lambda: trunk(x),
+        "model_s": lambda: whole(x),
+    }
     return row, timed
 
 
-def time_interleaved(timed: Dict[str, Dict[str, Callable[[], object]]], iters: int) -> Dict[str, Dict[str, float]]:
+def time_interleaved(
+    timed: Dict[str, Dict[str, Callable[[], object]]], iters: int
+) -> Dict[str, Dict[str, float]]:
     """Median seconds of every callable of every config, measured round-robin: each round runs every
     config once, so a machine that drifts during the run (other load, clocks) shifts all rows alike
     instead of whichever rows happened to run then. One untimed warm-up round first, and in every
@@ -266,26 +281,46 @@ def time_interleaved(timed: Dict[str, Dict[str, Callable[[], object]]], iters: i
                     start = time.perf_counter()
                     fn()
                     samples[spec][key].append(time.perf_counter() - start)
-    return {spec: {key: statistics.median(v) for key, v in keys.items()} for spec, keys in samples.items()}
+    return {
+        spec: {key: statistics.median(v) for key, v in keys.items()}
+        for spec, keys in samples.items()
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from detectron2.utils.logger import setup_logger
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=["configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml"],
-                        help='config files; one may carry overrides in the same argument: "A.yaml KEY VALUE"')
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml"],
+        help='config files; one may carry overrides in the same argument: "A.yaml KEY VALUE"',
+    )
     parser.add_argument("--size", nargs=2, type=int, default=[800, 1216], metavar=("H", "W"))
-    parser.add_argument("--iters", type=int, default=5,
-                        help="timed inference rounds (median); each round runs every config once")
+    parser.add_argument(
+        "--iters",
+        type=int,
+        default=5,
+        help="timed inference rounds (median); each round runs every config once",
+    )
     parser.add_argument("--train-batch", type=int, default=2)
-    parser.add_argument("--train-iters", type=int, default=3, help="timed training iterations (median)")
-    parser.add_argument("--train-warmup", type=int, default=2,
-                        help="untimed training iterations first (the first two page in the memory)")
+    parser.add_argument(
+        "--train-iters", type=int, default=3, help="timed training iterations (median)"
+    )
+    parser.add_argument(
+        "--train-warmup",
+        type=int,
+        default=2,
+        help="untimed training iterations first (the first two page in the memory)",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="output/benchmark")
-    parser.add_argument("--mmap-large-allocations", action="store_true",
-                        help="keep glibc's default of mmap() for large blocks (train_net.py turns it off on CPU)")
+    parser.add_argument(
+        "--mmap-large-allocations",
+        action="store_true",
+        help="keep glibc's default of mmap() for large blocks (train_net.py turns it off on CPU)",
+    )
     args = parser.parse_args(argv)
     setup_logger(name=logger.name)
     torch.set_num_threads(args.threads)
@@ -308,8 +343,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         eta = (time.time() - start) / i * (len(configs) - i) if i else float("nan")
         logger.info("[%d/%d] training %s (ETA %.0f s)", i + 1, len(configs), spec, eta)
         config, *opts = spec.split()
-        rows[spec].update(measure_training(config, opts, args.train_batch, h, w, args.train_iters,
-                                           args.train_warmup, args.threads, heap))
+        rows[spec].update(
+            measure_training(
+                config,
+                opts,
+                args.train_batch,
+                h,
+                w,
+                args.train_iters,
+                args.train_warmup,
+                args.threads,
+                heap,
+            )
+        )
     for row in rows.values():
         row["trunk_peak_fraction"] = row["trunk_GMAC"] / row["trunk_s"] / peak
     ref = rows[REFERENCE]
@@ -317,19 +363,32 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         row["backbone_fpn_speedup_vs_R50"] = ref["backbone_fpn_s"] / row["backbone_fpn_s"]
         row["model_speedup_vs_R50"] = ref["model_s"] / row["model_s"]
     os.makedirs(args.out, exist_ok=True)
-    meta = {"size": [h, w], "threads": args.threads, "matmul_peak_GMACs": peak, "iters": args.iters,
-            "train_batch": args.train_batch, "train_iters": args.train_iters,
-            "train_warmup": args.train_warmup, "torch": torch.__version__, "large_allocations_in_heap": heap}
+    meta = {
+        "size": [h, w],
+        "threads": args.threads,
+        "matmul_peak_GMACs": peak,
+        "iters": args.iters,
+        "train_batch": args.train_batch,
+        "train_iters": args.train_iters,
+        "train_warmup": args.train_warmup,
+        "torch": torch.__version__,
+        "large_allocations_in_heap": heap,
+    }
     with open(os.path.join(args.out, "benchmark.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    table = [{"config": os.path.basename(c), **{k: round(v, 3) for k, v in r.items()}} for c, r in rows.items()]
+    table = [
+        {"config": os.path.basename(c), **{k: round(v, 3) for k, v in r.items()}}
+        for c, r in rows.items()
+    ]
     for row in table:  # "a/b.yaml KEY VALUE" -> "b.yaml KEY VALUE"
         row["config"] = " ".join(part.split("/")[-1] for part in row["config"].split())
-    md = (f"Size {h}x{w}, {args.threads} threads, fp32 matmul peak {peak:.1f} GMAC/s, large blocks "
-          f"{'in the heap' if heap else 'mmap()ed (glibc default)'}, "
-          f"train batch {args.train_batch} ({args.train_iters} timed steps after {args.train_warmup}, "
-          "MODEL.RPN.POST_NMS_TOPK_TRAIN fixed proposals per image)\n\n"
-          + tabulate(table, headers="keys", tablefmt="pipe"))
+    md = (
+        f"Size {h}x{w}, {args.threads} threads, fp32 matmul peak {peak:.1f} GMAC/s, large blocks "
+        f"{'in the heap' if heap else 'mmap()ed (glibc default)'}, "
+        f"train batch {args.train_batch} ({args.train_iters} timed steps after {args.train_warmup}, "
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN fixed proposals per image)\n\n"
+        + tabulate(table, headers="keys", tablefmt="pipe")
+    )
     with open(os.path.join(args.out, "benchmark.md"), "w") as f:
         f.write(md + "\n")
     logger.info("wrote %s\n%s", os.path.join(args.out, "benchmark.md"), md)

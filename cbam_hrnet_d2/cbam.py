@@ -3,6 +3,7 @@
 Woo, Park, Lee, Kweon, "CBAM: Convolutional Block Attention Module", ECCV 2018 (arXiv:1807.06521).
 Written in the style of detectron2's ``regnet.py`` ``SE`` block: plain ``nn.Module`` s, no cfg.
 """
+
 from typing import Dict, Optional
 
 import torch

@@ -7,6 +7,7 @@
   ``last_checkpoint`` is replaced the same way and only after that. A failed write (disk full,
   permission, I/O error) removes its temporary file and names the path and the reason.
 """
+
 import logging
 import os
 import pickle
@@ -102,8 +103,8 @@ MISSING_WEIGHTS_HINT = (
     "The COCO configs start from ImageNet HRNet weights, as detectron2's R50 configs do: make the file "
     "with `python -m cbam_hrnet_d2.convert --src <timm or official HRNet ImageNet file> --out <this path> "
     "--width <W>` (README, 'ImageNet-pretrained HRNet weights'), or give the unconverted file as "
-    "MODEL.HRNET.PRETRAINED with MODEL.WEIGHTS \"\", or train from random init with "
-    "configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml (MODEL.WEIGHTS \"\")."
+    'MODEL.HRNET.PRETRAINED with MODEL.WEIGHTS "", or train from random init with '
+    'configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml (MODEL.WEIGHTS "").'
 )
 
 
@@ -113,7 +114,9 @@ class SafeCheckpointer(DetectionCheckpointer):
     def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         # fvcore's own check is a bare assert; name the key and the ways to get the file instead
         if path and "://" not in path and not os.path.isfile(path.split("?")[0]):
-            raise FileNotFoundError(f"MODEL.WEIGHTS = {path!r}: the file does not exist. {MISSING_WEIGHTS_HINT}")
+            raise FileNotFoundError(
+                f"MODEL.WEIGHTS = {path!r}: the file does not exist. {MISSING_WEIGHTS_HINT}"
+            )
         return super().load(path, *args, **kwargs)
 
     def _torch_load(self, f: str) -> Dict[str, Any]:
@@ -130,7 +133,9 @@ class SafeCheckpointer(DetectionCheckpointer):
                 with mock.patch.object(_d2_checkpoint, "pickle", restricted):
                     return super()._load_file(filename)
             except UnsafeCheckpointError as e:
-                raise ValueError(f"{filename}: refused, the file would run code when loaded ({e})") from e
+                raise ValueError(
+                    f"{filename}: refused, the file would run code when loaded ({e})"
+                ) from e
         return super()._load_file(filename)
 
     def save(self, name: str, **kwargs: Any) -> None:

@@ -1,6 +1,16 @@
-from detectron2.config import CfgNode as CN
+"""Config keys of this project (:func:`add_cbam_hrnet_config`), loading a config file with them, and
+the check of a recipe that would train frozen norms from random init."""
 
-__all__ = ["add_cbam_hrnet_config"]
+import logging
+from typing import Sequence
+
+import torch
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_cbam_hrnet_config", "load_config", "warn_if_frozen_norms_start_random"]
+
+logger = logging.getLogger(__name__)
 
 
 def add_cbam_hrnet_config(cfg: CN) -> None:
@@ -56,3 +66,32 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # Optimizer. Options: "SGD" (detectron2's, with SOLVER.MOMENTUM), "AdamW" (betas 0.9/0.999, for
     # training from scratch, e.g. the CPU shapes recipe). Both use SOLVER.BASE_LR and WEIGHT_DECAY*.
     _C.SOLVER.OPTIMIZER = "SGD"
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()):
+    """``get_cfg()`` + :func:`add_cbam_hrnet_config` + the YAML + ``KEY VALUE`` overrides; without
+    CUDA, MODEL.DEVICE becomes "cpu". Returned unfrozen."""
+    cfg = get_cfg()
+    add_cbam_hrnet_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def warn_if_frozen_norms_start_random(cfg) -> bool:
+    """Log a warning (and return True) when an HRNet trunk with FrozenBN norms would train from random
+    init: its frozen statistics then stay mean 0 / variance 1, so nothing normalises the activations."""
+    backbone = cfg.MODEL.BACKBONE.NAME
+    if not backbone.startswith("build_cbam_hrnet") or cfg.MODEL.HRNET.NORM != "FrozenBN":
+        return False
+    if cfg.MODEL.WEIGHTS or cfg.MODEL.HRNET.PRETRAINED:
+        return False
+    logger.warning(
+        "MODEL.HRNET.NORM is FrozenBN but neither MODEL.WEIGHTS nor MODEL.HRNET.PRETRAINED is set: the "
+        "trunk trains from random init without normalisation. Give ImageNet weights, or set "
+        "MODEL.HRNET.NORM SyncBN (or GN) and MODEL.BACKBONE.FREEZE_AT 0 "
+        "(configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml)."
+    )
+    return True

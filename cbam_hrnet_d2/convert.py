@@ -10,6 +10,7 @@ checkpoint (``hrnetv2_w18_imagenet_pretrained.pth``), drops the classifier and t
 The output loads with ``MODEL.WEIGHTS`` (detectron2's checkpointer); the source file itself can be
 given to ``MODEL.HRNET.PRETRAINED``.
 """
+
 import argparse
 import logging
 import os
@@ -19,9 +20,16 @@ import torch
 from torch import nn
 
 from .checkpoint import load_tensor_file
+from .files import atomic_write
 from .hrnet import HRNET_STAGES, HRNET_WIDTHS, build_hrnet_trunk
 
-__all__ = ["D2_TRUNK_PREFIX", "read_hrnet_state_dict", "match_trunk_state_dict", "load_pretrained_trunk", "convert"]
+__all__ = [
+    "D2_TRUNK_PREFIX",
+    "read_hrnet_state_dict",
+    "match_trunk_state_dict",
+    "load_pretrained_trunk",
+    "convert",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +48,14 @@ def read_hrnet_state_dict(path: str) -> Dict[str, torch.Tensor]:
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: not a checkpoint (expected a dict of tensors, got {type(data).__name__})")
+        raise ValueError(
+            f"{path}: not a checkpoint (expected a dict of tensors, got {type(data).__name__})"
+        )
     out = {}
     for k, v in data.items():
         for prefix in (D2_TRUNK_PREFIX, "module.", "model."):
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         if hasattr(v, "shape"):
             out[k] = torch.as_tensor(v)
     return out
@@ -102,13 +112,19 @@ def _summarise(keys: Sequence[str]) -> str:
 
 def load_pretrained_trunk(trunk: nn.Module, path: str, width: int) -> None:
     """Load ImageNet weights from ``path`` into ``trunk`` (MODEL.HRNET.PRETRAINED) and log a report."""
-    matched, missing, unused = match_trunk_state_dict(read_hrnet_state_dict(path), trunk, width, path)
+    matched, missing, unused = match_trunk_state_dict(
+        read_hrnet_state_dict(path), trunk, width, path
+    )
     incompatible = trunk.load_state_dict(matched, strict=False)
     missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked")]
     logger.info(
         "Loaded HRNet-W%d weights from %s: %d trunk tensors loaded; not in the file: %s; "
         "in the file but unused: %s. CBAM, FPN and the detection heads start from random init.",
-        width, path, len(matched), _summarise(missing), _summarise(unused),
+        width,
+        path,
+        len(matched),
+        _summarise(missing),
+        _summarise(unused),
     )
 
 
@@ -118,15 +134,16 @@ def convert(src: str, out: str, width: int) -> Dict[str, List[str]]:
     trunk = build_hrnet_trunk(width)
     matched, missing, unused = match_trunk_state_dict(read_hrnet_state_dict(src), trunk, width, src)
     tensors = {D2_TRUNK_PREFIX + k: v.contiguous() for k, v in matched.items()}
-    tmp = f"{out}.incomplete{os.path.splitext(out)[1]}"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if out.endswith(".safetensors"):
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(tensors, tmp, metadata={"source": os.path.basename(src), "width": str(width)})
+        meta = {"source": os.path.basename(src), "width": str(width)}
+        atomic_write(out, lambda f: f.write(save(tensors, metadata=meta)))
     else:
-        torch.save({"model": tensors, "__author__": "cbam_hrnet_d2.convert"}, tmp)
-    os.replace(tmp, out)
+        atomic_write(
+            out, lambda f: torch.save({"model": tensors, "__author__": "cbam_hrnet_d2.convert"}, f)
+        )
     return {"loaded": list(matched), "missing": missing, "unused": unused}
 
 
@@ -134,7 +151,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from detectron2.utils.logger import setup_logger
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", required=True, help="timm (.pth/.safetensors) or official HRNet .pth")
+    parser.add_argument(
+        "--src", required=True, help="timm (.pth/.safetensors) or official HRNet .pth"
+    )
     parser.add_argument("--out", required=True, help="output file; .safetensors preferred")
     parser.add_argument("--width", type=int, default=18, choices=sorted(HRNET_WIDTHS))
     args = parser.parse_args(argv)
@@ -142,7 +161,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     report = convert(args.src, args.out, args.width)
     logger.info(
         "Wrote %s: %d trunk tensors; trunk tensors not in the source: %s; source tensors dropped: %s",
-        args.out, len(report["loaded"]), _summarise(report["missing"]), _summarise(report["unused"]),
+        args.out,
+        len(report["loaded"]),
+        _summarise(report["missing"]),
+        _summarise(report["unused"]),
     )
 
 

@@ -7,6 +7,7 @@
   size matches the json, every box and mask is valid. Lists all problems
   (``python -m cbam_hrnet_d2.data --check NAME``).
 """
+
 import json
 import logging
 import os
@@ -97,7 +98,9 @@ def validate_coco_json(json_file: str, image_root: str) -> Dict[str, int]:
         return _VALIDATED[key]
     data = _load_json(json_file)
     if not isinstance(data, dict):
-        raise ValueError(f"{json_file} is not a COCO instances file: the top level is not an object")
+        raise ValueError(
+            f"{json_file} is not a COCO instances file: the top level is not an object"
+        )
     for k in ("images", "annotations", "categories"):
         if not isinstance(data.get(k), list):
             raise ValueError(f"{json_file} is not a COCO instances file: no '{k}' list")
@@ -105,7 +108,9 @@ def validate_coco_json(json_file: str, image_root: str) -> Dict[str, int]:
     images = {img["id"]: img for img in data["images"]}
     for img in data["images"]:
         if not all(isinstance(img.get(k), (int, float)) for k in ("height", "width")):
-            raise ValueError(f"{json_file}: image id {img.get('id')} has no numeric 'height' and 'width'")
+            raise ValueError(
+                f"{json_file}: image id {img.get('id')} has no numeric 'height' and 'width'"
+            )
         if not isinstance(img.get("file_name"), str):
             raise ValueError(f"{json_file}: image id {img.get('id')} has no 'file_name'")
     for ann in data["annotations"]:
@@ -115,14 +120,18 @@ def validate_coco_json(json_file: str, image_root: str) -> Dict[str, int]:
                 f"which is not in 'categories' (ids {sorted(cat_ids)})"
             )
         if ann.get("image_id") not in images:
-            raise ValueError(f"{json_file}: annotation id {ann.get('id')} names unknown image_id {ann.get('image_id')}")
+            raise ValueError(
+                f"{json_file}: annotation id {ann.get('id')} names unknown image_id {ann.get('image_id')}"
+            )
         problem = _segmentation_problem(ann, images[ann["image_id"]])
         if problem:
             raise ValueError(f"{json_file}: annotation id {ann.get('id')}: {problem}")
     for img in data["images"]:
         path = os.path.join(image_root, img["file_name"])
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{json_file}: image id {img['id']} names {path}, which does not exist")
+            raise FileNotFoundError(
+                f"{json_file}: image id {img['id']} names {path}, which does not exist"
+            )
     kinds = mask_kinds(data)
     if key is not None:
         _VALIDATED[key] = kinds
@@ -131,7 +140,9 @@ def validate_coco_json(json_file: str, image_root: str) -> Dict[str, int]:
 
 def _box_problem(ann: dict, img: dict) -> str:
     bbox = ann.get("bbox")
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+    if not (
+        isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
+    ):
         return f"bbox {bbox!r} is not [x, y, width, height]"
     x, y, w, h = bbox
     if w <= 0 or h <= 0:
@@ -150,7 +161,9 @@ def check_dataset(name: str) -> List[str]:
     meta = MetadataCatalog.get(name)
     json_file, image_root = getattr(meta, "json_file", None), getattr(meta, "image_root", None)
     if not json_file:
-        raise ValueError(f"Dataset {name!r} has no json_file in its metadata: only COCO-json datasets can be checked")
+        raise ValueError(
+            f"Dataset {name!r} has no json_file in its metadata: only COCO-json datasets can be checked"
+        )
     problems: List[str] = []
     try:
         validate_coco_json(json_file, image_root)
@@ -170,7 +183,9 @@ def check_dataset(name: str) -> List[str]:
                     f"{img.get('width')}x{img.get('height')} (image id {img['id']})"
                 )
         except IMAGE_ERRORS as e:
-            problems.append(f"{path}: does not decode ({type(e).__name__}: {e}) (image id {img['id']})")
+            problems.append(
+                f"{path}: does not decode ({type(e).__name__}: {e}) (image id {img['id']})"
+            )
         for ann in anns_of.get(img["id"], []):
             why = _box_problem(ann, img) or _segmentation_problem(ann, img)
             if why:

@@ -15,6 +15,7 @@ named (and, in training, skipped).
   SIGINT, so a preemption signal sent to the whole process group stops them without a crash report
   while the trainer saves its checkpoint (:mod:`cbam_hrnet_d2.preemption`).
 """
+
 import logging
 import os
 import signal
@@ -107,7 +108,9 @@ class RobustDatasetMapper(DatasetMapper):
             logger.warning("Dataset %r: skipping image %s (%s)", dataset, path, why)
             if self.bad_images_file:
                 line = "\t".join((dataset, path, why.replace("\t", " ").replace("\n", " "))) + "\n"
-                with open(self.bad_images_file, "a") as f:  # O_APPEND: whole lines from every worker
+                with open(
+                    self.bad_images_file, "a"
+                ) as f:  # O_APPEND: whole lines from every worker
                     f.write(line)
             return None
 
@@ -144,7 +147,9 @@ def build_train_loader(cfg):
     dicts = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN,
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+        min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+        if cfg.MODEL.KEYPOINT_ON
+        else 0,
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
     )
     cfg = choose_mask_format(cfg, dicts)
@@ -184,4 +189,6 @@ class BadImageCounter(HookBase):
     def after_train(self):
         n = self.count()
         if n:
-            logger.warning("%d image(s) were skipped as unusable; they are listed in %s", n, self._file)
+            logger.warning(
+                "%d image(s) were skipped as unusable; they are listed in %s", n, self._file
+            )

@@ -4,6 +4,7 @@ A reader (or a process killed mid-write) never sees a half-written file under th
 write that fails (disk full, permission, I/O error) removes its temporary file and leaves whatever
 was under the final name untouched.
 """
+
 import errno
 import os
 import shutil

@@ -5,6 +5,7 @@ weights and a bias. :class:`FoldedTrunk` keeps such a folded copy of the HRNet t
 trainable one and rebuilds it whenever a weight or statistic of the trunk changed (training steps,
 ``load_state_dict``, ``.to()``), so checkpoints, training and ``state_dict`` never see it.
 """
+
 import copy
 import logging
 from typing import List, Optional, Tuple
@@ -12,8 +13,8 @@ from typing import List, Optional, Tuple
 import torch
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 __all__ = ["fold_batchnorm", "FoldedTrunk"]
 
@@ -42,7 +43,11 @@ def fold_batchnorm(module: nn.Module) -> Tuple[nn.Module, int]:
         nonlocal count
         prev = None
         for name, child in list(parent.named_children()):
-            if _is_bn(child) and isinstance(prev, nn.Conv2d) and prev.out_channels == child.num_features:
+            if (
+                _is_bn(child)
+                and isinstance(prev, nn.Conv2d)
+                and prev.out_channels == child.num_features
+            ):
                 _fold_into(prev, child)
                 setattr(parent, name, nn.Identity())
                 count += 1
@@ -89,11 +94,18 @@ class FoldedTrunk:
         return self._folded
 
     def _check(self, trunk: nn.Module, folded: nn.Module) -> bool:
-        x = torch.randn(1, next(trunk.parameters()).shape[1], 64, 64, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(
+            1, next(trunk.parameters()).shape[1], 64, 64, generator=torch.Generator().manual_seed(0)
+        )
         x = x.to(next(trunk.parameters()).device)
         with torch.no_grad():
-            ok = all((a - b).abs().max() <= 1e-3 * a.abs().max() + 1e-5 for a, b in zip(trunk(x), folded(x)))
+            ok = all(
+                (a - b).abs().max() <= 1e-3 * a.abs().max() + 1e-5
+                for a, b in zip(trunk(x), folded(x))
+            )
         if not ok:
-            logger.warning("Folding BatchNorm changed the trunk's outputs: MODEL.HRNET.FOLD_BN switched off")
+            logger.warning(
+                "Folding BatchNorm changed the trunk's outputs: MODEL.HRNET.FOLD_BN switched off"
+            )
             self.disabled = True
         return ok

@@ -6,6 +6,7 @@ The per-width architecture table is timm's ``cfg_cls`` (data); this module only 
 owns what timm does not: feature names, strides, norm choice, stage-wise freezing and activation
 checkpointing of the stage modules.
 """
+
 from typing import Dict, List, Tuple
 
 import timm

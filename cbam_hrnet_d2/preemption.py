@@ -11,6 +11,7 @@ With several processes (``--num-gpus N``), :func:`launch` forwards the signal fr
 process to its workers, so ``kill -TERM <pid of train_net.py>`` stops them all; a signal sent to the
 whole process group reaches each of them anyway (repeated signals are ignored).
 """
+
 import logging
 import multiprocessing
 import os
@@ -95,7 +96,9 @@ class Preemption(HookBase):
         path = os.path.join(checkpointer.save_dir, f"{name}.pth")
         if comm.is_main_process():
             already = checkpointer.has_checkpoint() and checkpointer.get_checkpoint_file() == path
-            if not already:  # detectron2's periodic checkpoint may have written this iteration already
+            if (
+                not already
+            ):  # detectron2's periodic checkpoint may have written this iteration already
                 checkpointer.save(name, iteration=it)
         comm.synchronize()
         signum = _received or signal.SIGTERM

@@ -14,6 +14,7 @@ With ``DATALOADER.EXACT_RESUME`` and a fixed ``SEED``, the :class:`ExactResume` 
 
 so that iterations after the resume see the same batches and random draws as an uninterrupted run.
 """
+
 import logging
 import random
 import time
@@ -37,9 +38,18 @@ def capture_rng_state() -> Dict[str, Any]:
     version, py_state, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {
+            "version": version,
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -53,7 +63,13 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     npy = state["numpy"]
     np.random.set_state(
-        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+        (
+            npy["name"],
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached_gaussian"],
+        )
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -75,8 +91,12 @@ class ResumableLoader:
             next(it)
             if (i + 1) % 100 == 0 or i + 1 == n:
                 rate = (i + 1) / (time.perf_counter() - t0)
-                logger.info("Exact resume: replayed %d/%d batches of the data stream, ETA %.0f s",
-                            i + 1, n, (n - i - 1) / rate)
+                logger.info(
+                    "Exact resume: replayed %d/%d batches of the data stream, ETA %.0f s",
+                    i + 1,
+                    n,
+                    (n - i - 1) / rate,
+                )
         self._started = it
 
     def __iter__(self) -> Iterator:
@@ -88,12 +108,16 @@ class ExactResume(HookBase):
     """See the module doc. Register it before the checkpointing hooks; ``loader`` is the trainer's
     training loader."""
 
-    def __init__(self, loader: ResumableLoader, *, enabled: bool, seed: int, checkpoint_period: int):
+    def __init__(
+        self, loader: ResumableLoader, *, enabled: bool, seed: int, checkpoint_period: int
+    ):
         self._loader = loader
         self._enabled = enabled
         self._seed = seed
         self._period = checkpoint_period
-        self._gathered: Optional[Dict[str, Any]] = None  # {"iteration": i, "ranks": [state per rank]}
+        self._gathered: Optional[Dict[str, Any]] = (
+            None  # {"iteration": i, "ranks": [state per rank]}
+        )
         self._loaded: Optional[Dict[str, Any]] = None
 
     def _checkpoint_due(self) -> bool:
@@ -104,7 +128,10 @@ class ExactResume(HookBase):
         # With several processes only the main one writes the checkpoint: gather the others' states
         # (a collective, on the same iterations in every process) before it does.
         if self._enabled and comm.get_world_size() > 1 and self._checkpoint_due():
-            self._gathered = {"iteration": self.trainer.iter, "ranks": comm.all_gather(capture_rng_state())}
+            self._gathered = {
+                "iteration": self.trainer.iter,
+                "ranks": comm.all_gather(capture_rng_state()),
+            }
 
     def state_dict(self) -> Dict[str, Any]:
         if not self._enabled:
@@ -123,22 +150,37 @@ class ExactResume(HookBase):
         if start == 0:
             return
         if not self._enabled:
-            logger.info("Resumed at iteration %d; the data stream restarts from its beginning "
-                        "(DATALOADER.EXACT_RESUME True replays it instead)", start)
+            logger.info(
+                "Resumed at iteration %d; the data stream restarts from its beginning "
+                "(DATALOADER.EXACT_RESUME True replays it instead)",
+                start,
+            )
             return
         if self._seed < 0:
-            logger.warning("DATALOADER.EXACT_RESUME needs a fixed SEED (SEED = %d): resuming without replay", self._seed)
+            logger.warning(
+                "DATALOADER.EXACT_RESUME needs a fixed SEED (SEED = %d): resuming without replay",
+                self._seed,
+            )
             return
         ranks = (self._loaded or {}).get("ranks")
         if not ranks:
-            logger.warning("The checkpoint holds no RNG states (written without DATALOADER.EXACT_RESUME or by "
-                           "another trainer): resuming without replay")
+            logger.warning(
+                "The checkpoint holds no RNG states (written without DATALOADER.EXACT_RESUME or by "
+                "another trainer): resuming without replay"
+            )
             return
         if len(ranks) != comm.get_world_size():
-            logger.warning("The checkpoint holds the RNG states of %d process(es), this run has %d: resuming "
-                           "without replay", len(ranks), comm.get_world_size())
+            logger.warning(
+                "The checkpoint holds the RNG states of %d process(es), this run has %d: resuming "
+                "without replay",
+                len(ranks),
+                comm.get_world_size(),
+            )
             return
         self._loader.fast_forward(start)
         restore_rng_state(ranks[comm.get_rank()])
-        logger.info("Exact resume: data stream and RNG states of process %d are where iteration %d left them",
-                    comm.get_rank(), start - 1)
+        logger.info(
+            "Exact resume: data stream and RNG states of process %d are where iteration %d left them",
+            comm.get_rank(),
+            start - 1,
+        )

@@ -14,19 +14,21 @@ On CUDA, or for inputs other than float32/float64, it falls back to detectron2's
 :class:`SparseROIAlignROIHeads` (``MODEL.ROI_HEADS.NAME``) is detectron2's ``StandardROIHeads`` with
 its poolers' ``ROIAlign`` levels replaced by this one.
 """
+
 import warnings
 from typing import Tuple
 
 import torch
-from torch import nn
-
 from detectron2.layers import ROIAlign
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
+from torch import nn
 
 __all__ = ["SparseROIAlign", "SparseROIAlignROIHeads", "use_sparse_roi_align", "roi_align_matrix"]
 
 
-def _axis_samples(start: torch.Tensor, size: torch.Tensor, bins: int, grid: torch.Tensor, length: int):
+def _axis_samples(
+    start: torch.Tensor, size: torch.Tensor, bins: int, grid: torch.Tensor, length: int
+):
     """Sampling along one axis, as torchvision's kernel does it. For each RoI r, bin b and sample i
     (of ``grid[r]``, padded to the largest grid), the low/high pixel index and their weights; samples
     outside the map or past ``grid[r]`` get weight 0."""
@@ -35,7 +37,11 @@ def _axis_samples(start: torch.Tensor, size: torch.Tensor, bins: int, grid: torc
     b = torch.arange(bins, dtype=start.dtype, device=start.device)
     bin_size = (size / bins)[:, None, None]
     gridf = grid.to(start.dtype).clamp(min=1)[:, None, None]
-    c = start[:, None, None] + b[None, :, None] * bin_size + (i[None, None, :] + 0.5) * bin_size / gridf
+    c = (
+        start[:, None, None]
+        + b[None, :, None] * bin_size
+        + (i[None, None, :] + 0.5) * bin_size / gridf
+    )
     valid = (c >= -1.0) & (c <= length) & (i[None, None, :] < grid[:, None, None])
     c = c.clamp(min=0)
     low = c.floor().long()
@@ -92,7 +98,11 @@ def roi_align_matrix(
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         # indices are valid by construction (batch indices checked by the caller)
         return torch.sparse_csr_tensor(
-            crow, col[keep], weight[keep].to(dtype), size=(r * ph * pw, n * h * w), check_invariants=False
+            crow,
+            col[keep],
+            weight[keep].to(dtype),
+            size=(r * ph * pw, n * h * w),
+            check_invariants=False,
         )
 
 
@@ -106,12 +116,24 @@ class SparseROIAlign(ROIAlign):
         n, c, h, w = input.shape
         batch = rois[:, 0]
         if batch.min() < 0 or batch.max() >= n:
-            raise ValueError(f"RoIAlign: batch indices in rois[:, 0] must lie in [0, {n}), got "
-                             f"[{batch.min().item():g}, {batch.max().item():g}]")
-        ph, pw = self.output_size if isinstance(self.output_size, (tuple, list)) else (self.output_size,) * 2
+            raise ValueError(
+                f"RoIAlign: batch indices in rois[:, 0] must lie in [0, {n}), got "
+                f"[{batch.min().item():g}, {batch.max().item():g}]"
+            )
+        ph, pw = (
+            self.output_size
+            if isinstance(self.output_size, (tuple, list))
+            else (self.output_size,) * 2
+        )
         with torch.no_grad():
             a = roi_align_matrix(
-                rois, (n, h, w), (ph, pw), self.spatial_scale, self.sampling_ratio, self.aligned, input.dtype
+                rois,
+                (n, h, w),
+                (ph, pw),
+                self.spatial_scale,
+                self.sampling_ratio,
+                self.aligned,
+                input.dtype,
             )
         pixels = input.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when channels-last
         # one path with and without autograd (grad of pixels = A^T @ grad); sparse.mm, not `@`: fvcore
@@ -126,9 +148,13 @@ def use_sparse_roi_align(module: nn.Module) -> nn.Module:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is ROIAlign:
-                setattr(parent, name, SparseROIAlign(
-                    child.output_size, child.spatial_scale, child.sampling_ratio, child.aligned
-                ))
+                setattr(
+                    parent,
+                    name,
+                    SparseROIAlign(
+                        child.output_size, child.spatial_scale, child.sampling_ratio, child.aligned
+                    ),
+                )
     return module
 
 

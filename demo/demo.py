@@ -5,6 +5,7 @@
         --input datasets/shapes/val/*.png --output out/ --attention \
         --opts MODEL.WEIGHTS output/quickstart/model_final.pth
 """
+
 import argparse
 import glob
 import os
@@ -20,7 +21,8 @@ from PIL import Image, ImageOps
 from predictor import VisualizationDemo
 
 import cbam_hrnet_d2.data  # noqa: F401  (registers shapes_* metadata: class names)
-from cbam_hrnet_d2.engine import load_config
+from cbam_hrnet_d2.config import load_config
+from cbam_hrnet_d2.files import atomic_write
 
 WINDOW_NAME = "CBAM-HRNet detections"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -44,12 +46,14 @@ def get_parser():
         "--input", nargs="+", help="image files, directories or a glob like 'dir/*.jpg'"
     )
     parser.add_argument(
-        "--output", help="a directory for the pictures, or a file for a single image or a video; "
+        "--output",
+        help="a directory for the pictures, or a file for a single image or a video; "
         "without it the pictures are shown in a window",
     )
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score")
     parser.add_argument(
-        "--attention", action="store_true",
+        "--attention",
+        action="store_true",
         help="also write one spatial-attention heatmap per CBAM site and a channel-attention plot",
     )
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE pairs")
@@ -91,12 +95,11 @@ def read_image_any(path: str) -> np.ndarray:
 
 
 def write_image_atomic(path: str, image: np.ndarray) -> None:
-    """Write to a temporary name in the same directory, then rename over ``path``."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext or '.png'}"
-    if not cv2.imwrite(tmp, image):
-        raise OSError(f"could not write {path}")
-    os.replace(tmp, path)
+    """Encode ``image`` in the format of ``path``'s extension (PNG without one) and write it atomically."""
+    ok, encoded = cv2.imencode(os.path.splitext(path)[1] or ".png", image)
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    atomic_write(path, lambda f: f.write(encoded.tobytes()), fsync=False)
 
 
 def _heatmap(image: np.ndarray, spatial: np.ndarray, site: str) -> np.ndarray:
@@ -109,7 +112,9 @@ def _heatmap(image: np.ndarray, spatial: np.ndarray, site: str) -> np.ndarray:
     label = f"{site} {lo:.2f}-{hi:.2f}"
     scale = max(0.35, image.shape[1] / 600)
     cv2.putText(out, label, (4, int(16 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3)
-    cv2.putText(out, label, (4, int(16 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1)
+    cv2.putText(
+        out, label, (4, int(16 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1
+    )
     return out
 
 
@@ -133,18 +138,20 @@ def write_attention(out_stem: str, image: np.ndarray, maps: dict) -> List[str]:
     axes[-1, 0].set_xlabel("channel")
     fig.suptitle("CBAM channel attention per site")
     fig.tight_layout()
-    path = f"{out_stem}_channel_attention.png"
-    tmp = f"{out_stem}.tmp{os.getpid()}_channel_attention.png"
-    fig.savefig(tmp, dpi=80)
+    atomic_write(
+        f"{out_stem}_channel_attention.png",
+        lambda f: fig.savefig(f, format="png", dpi=80),
+        fsync=False,
+    )
     plt.close(fig)
-    os.replace(tmp, path)
     return written + [path]
 
 
 def _many_inputs(args) -> bool:
     """Several images (or a directory or glob of them): --output is then a directory."""
     return bool(args.input) and (
-        len(args.input) > 1 or any(os.path.isdir(p) or any(c in p for c in "*?[") for p in args.input)
+        len(args.input) > 1
+        or any(os.path.isdir(p) or any(c in p for c in "*?[") for p in args.input)
     )
 
 
@@ -168,11 +175,17 @@ def run_images(demo: VisualizationDemo, args, paths: List[str], logger) -> int:
         predictions, vis, maps = demo.run_on_image(img, attention=args.attention)
         logger.info(
             "%s: detected %d instances in %.2fs",
-            path, len(predictions["instances"]), time.time() - start,
+            path,
+            len(predictions["instances"]),
+            time.time() - start,
         )
         if args.output:
             out = _output_path(args, path, many)
-            out = os.path.splitext(out)[0] + ".png" if not out.lower().endswith(IMAGE_EXTENSIONS) else out
+            out = (
+                os.path.splitext(out)[0] + ".png"
+                if not out.lower().endswith(IMAGE_EXTENSIONS)
+                else out
+            )
             write_image_atomic(out, vis.get_image()[:, :, ::-1])
             if maps:
                 write_attention(os.path.splitext(out)[0], img, maps)
@@ -189,14 +202,21 @@ def run_video(demo: VisualizationDemo, args, logger) -> int:
     if not video.isOpened():
         print(f"error: {args.video_input}: cannot open video", file=sys.stderr)
         return 1
-    width, height = int(video.get(cv2.CAP_PROP_FRAME_WIDTH)), int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    width, height = (
+        int(video.get(cv2.CAP_PROP_FRAME_WIDTH)),
+        int(video.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+    )
     fps = video.get(cv2.CAP_PROP_FPS) or 25.0
     num_frames = int(video.get(cv2.CAP_PROP_FRAME_COUNT))
     writer, out, tmp = None, None, None
     if args.output:
         out = args.output
         if os.path.isdir(out):
-            out = os.path.join(out, os.path.splitext(os.path.basename(args.video_input))[0] + ".mp4")
+            out = os.path.join(
+                out, os.path.splitext(os.path.basename(args.video_input))[0] + ".mp4"
+            )
+        # cv2.VideoWriter writes to a file name, not a file object: a temporary name renamed at the
+        # end (the one atomic write that cannot use cbam_hrnet_d2.files.atomic_write)
         root, ext = os.path.splitext(out)
         tmp = f"{root}.tmp{os.getpid()}{ext or '.mp4'}"
         writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
@@ -220,7 +240,11 @@ def _prepare_output(args) -> Tuple[bool, str]:
     """Create the output directory up front; returns (ok, message)."""
     if not args.output:
         return True, ""
-    target = args.output if _many_inputs(args) or args.output.endswith(os.sep) else os.path.dirname(args.output)
+    target = (
+        args.output
+        if _many_inputs(args) or args.output.endswith(os.sep)
+        else os.path.dirname(args.output)
+    )
     if not target:
         return True, ""
     try:

@@ -1,5 +1,6 @@
 """VisualizationDemo: detectron2's DefaultPredictor + Visualizer, plus CBAM attention pictures from
 the same forward pass (the CBAM modules hand out their last maps)."""
+
 import contextlib
 import logging
 from typing import Dict, Iterator, Optional, Tuple
@@ -28,13 +29,18 @@ class VisualizationDemo:
         """
         if parallel:
             raise ValueError("parallel=True is not supported by this demo; run one process per GPU")
-        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused")
+        self.metadata = MetadataCatalog.get(
+            cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
+        )
         self.cpu_device = torch.device("cpu")
         self.instance_mode = instance_mode
         self.predictor = DefaultPredictor(cfg)
         self.strides = {}
         backbone = self.predictor.model.backbone
-        for shapes in (backbone.output_shape(), getattr(backbone, "bottom_up", backbone).output_shape()):
+        for shapes in (
+            backbone.output_shape(),
+            getattr(backbone, "bottom_up", backbone).output_shape(),
+        ):
             self.strides.update({name: s.stride for name, s in shapes.items()})
 
     def run_on_image(
@@ -51,7 +57,9 @@ class VisualizationDemo:
             attention (dict or None): site name -> {"spatial": (H, W) in [0, 1] at image size,
                 "channel": (C,) weights}.
         """
-        recorder = record_attention(self.predictor.model) if attention else contextlib.nullcontext({})
+        recorder = (
+            record_attention(self.predictor.model) if attention else contextlib.nullcontext({})
+        )
         with recorder as sites:
             predictions = self.predictor(image)
         maps = self._attention_maps(sites, image.shape[:2]) if attention else None

@@ -1,8 +1,9 @@
 """Shared helpers of the test suite."""
+
 import glob
 import os
 
-from cbam_hrnet_d2.engine import load_config
+from cbam_hrnet_d2.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")

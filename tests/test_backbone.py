@@ -27,13 +27,17 @@ class TestTrunk(unittest.TestCase):
                 shapes = model.output_shape()
                 self.assertEqual(list(shapes), list(HRNET_FEATURES))
                 self.assertEqual([s.stride for s in shapes.values()], [4, 8, 16, 32])
-                self.assertEqual([s.channels for s in shapes.values()], hrnet_branch_channels(width))
+                self.assertEqual(
+                    [s.channels for s in shapes.values()], hrnet_branch_channels(width)
+                )
                 with torch.no_grad():
                     out = model(x)
                 self.assertEqual(list(out), model._out_features)
                 for name, t in out.items():
                     s = shapes[name]
-                    self.assertEqual(tuple(t.shape), (2, s.channels, 64 // s.stride, 96 // s.stride))
+                    self.assertEqual(
+                        tuple(t.shape), (2, s.channels, 64 // s.stride, 96 // s.stride)
+                    )
 
     def test_w18_branch_channels(self):
         self.assertEqual(hrnet_branch_channels(18), [18, 36, 72, 144])
@@ -77,7 +81,9 @@ class TestTrunk(unittest.TestCase):
     def test_freeze_at_freezes_exactly_the_promised_stages(self):
         for freeze_at in range(len(HRNET_STAGES) + 1):
             with self.subTest(freeze_at=freeze_at):
-                model = build(TRUNK + ["MODEL.BACKBONE.FREEZE_AT", freeze_at, "MODEL.HRNET.NORM", "BN"])
+                model = build(
+                    TRUNK + ["MODEL.BACKBONE.FREEZE_AT", freeze_at, "MODEL.HRNET.NORM", "BN"]
+                )
                 frozen = {m for group in HRNET_STAGES[:freeze_at] for m in group}
                 for name, p in model.named_parameters():
                     parts = name.split(".")
@@ -87,14 +93,19 @@ class TestTrunk(unittest.TestCase):
                     if name and name.split(".")[0] in frozen and "bn" in name.split(".")[-1]:
                         self.assertIsInstance(m, FrozenBatchNorm2d, name)
                 trainable_bn = [
-                    m for n, m in model.trunk.named_modules()
+                    m
+                    for n, m in model.trunk.named_modules()
                     if n and n.split(".")[0] not in frozen and isinstance(m, FrozenBatchNorm2d)
                 ]
                 self.assertEqual(trainable_bn, [])
 
     def test_each_norm_builds_and_runs(self):
-        expected = {"BN": nn.BatchNorm2d, "SyncBN": nn.BatchNorm2d, "FrozenBN": FrozenBatchNorm2d,
-                    "GN": nn.GroupNorm}
+        expected = {
+            "BN": nn.BatchNorm2d,
+            "SyncBN": nn.BatchNorm2d,
+            "FrozenBN": FrozenBatchNorm2d,
+            "GN": nn.GroupNorm,
+        }
         for norm, cls in expected.items():
             with self.subTest(norm=norm):
                 model = build(TRUNK + ["MODEL.HRNET.NORM", norm, "MODEL.BACKBONE.FREEZE_AT", 0])

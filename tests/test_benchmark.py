@@ -25,8 +25,24 @@ PLAIN = f"{DEFAULT_CONFIG} MODEL.HRNET.CHANNELS_LAST False MODEL.HRNET.FOLD_BN F
 class TestBenchmark(unittest.TestCase):
     def test_one_run_measures_config_next_to_detectron2_r50(self):
         with tempfile.TemporaryDirectory() as d:
-            main(["--configs", DEFAULT_CONFIG, PLAIN, "--size", "64", "96", "--iters", "1",
-                  "--train-iters", "1", "--train-batch", "1", "--out", d])
+            main(
+                [
+                    "--configs",
+                    DEFAULT_CONFIG,
+                    PLAIN,
+                    "--size",
+                    "64",
+                    "96",
+                    "--iters",
+                    "1",
+                    "--train-iters",
+                    "1",
+                    "--train-batch",
+                    "1",
+                    "--out",
+                    d,
+                ]
+            )
             with open(os.path.join(d, "benchmark.json")) as f:
                 data = json.load(f)
             with open(os.path.join(d, "benchmark.md")) as f:
@@ -39,8 +55,16 @@ class TestBenchmark(unittest.TestCase):
         self.assertIn("large blocks in the heap", md)
         ref, ours = data["rows"][REFERENCE], data["rows"][DEFAULT_CONFIG]
         self.assertEqual(ref["model_speedup_vs_R50"], 1.0)
-        for key in ("params_M", "backbone_fpn_GMAC", "model_GMAC", "backbone_fpn_s", "model_s",
-                    "train_s_per_iter", "train_peak_rss_mib", "trunk_peak_fraction"):
+        for key in (
+            "params_M",
+            "backbone_fpn_GMAC",
+            "model_GMAC",
+            "backbone_fpn_s",
+            "model_s",
+            "train_s_per_iter",
+            "train_peak_rss_mib",
+            "trunk_peak_fraction",
+        ):
             self.assertGreater(ours[key], 0, key)
         self.assertLess(ours["params_M"], ref["params_M"])  # W18 + FPN is smaller than R50 + FPN
         self.assertIn("mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml", md)
@@ -57,7 +81,8 @@ class TestFixedProposals(unittest.TestCase):
                 model.proposal_generator = FixedProposals(model.proposal_generator, 50)
                 sampled = []
                 model.roi_heads.box_predictor.register_forward_hook(
-                    lambda m, i, o: sampled.append(i[0].shape[0]))
+                    lambda m, i, o: sampled.append(i[0].shape[0])
+                )
                 batch = _synthetic_batch(2, 64, 96, num_instances=2)
                 with EventStorage():
                     images = model.preprocess_image(batch)
@@ -66,7 +91,11 @@ class TestFixedProposals(unittest.TestCase):
                     proposals, losses = model.proposal_generator(images, features, gt)
                     all_losses = model(batch)
                 self.assertEqual([len(p) for p in proposals], [50, 50])
-                self.assertTrue(torch.equal(proposals[0].proposal_boxes.tensor, proposals[1].proposal_boxes.tensor))
+                self.assertTrue(
+                    torch.equal(
+                        proposals[0].proposal_boxes.tensor, proposals[1].proposal_boxes.tensor
+                    )
+                )
                 self.assertEqual(set(losses), {"loss_rpn_cls", "loss_rpn_loc"})
                 self.assertTrue(all(torch.isfinite(v) for v in all_losses.values()))
                 # 50 proposals + 2 ground-truth boxes per image, fewer than 512 to sample
@@ -76,17 +105,21 @@ class TestFixedProposals(unittest.TestCase):
 class TestInterleavedTiming(unittest.TestCase):
     def test_every_round_runs_every_config_after_a_warm_up_round(self):
         calls = []
-        timed = {c: {"a_s": lambda c=c: calls.append(c + "a"), "b_s": lambda c=c: calls.append(c + "b")}
-                 for c in ("x", "y")}
+        timed = {
+            c: {"a_s": lambda c=c: calls.append(c + "a"), "b_s": lambda c=c: calls.append(c + "b")}
+            for c in ("x", "y")
+        }
         seconds = time_interleaved(timed, iters=3)
         # a warm-up round, then 3 rounds, each config's first callable once untimed before its timed calls
         self.assertEqual(calls, ["xa", "xb", "ya", "yb"] + ["xa", "xa", "xb", "ya", "ya", "yb"] * 3)
         self.assertEqual(set(seconds), {"x", "y"})
-        self.assertTrue(all(set(v) == {"a_s", "b_s"} and min(v.values()) >= 0 for v in seconds.values()))
+        self.assertTrue(
+            all(set(v) == {"a_s", "b_s"} and min(v.values()) >= 0 for v in seconds.values())
+        )
 
 
 def _child_peaks(queue):
-    from cbam_hrnet_d2.benchmark import peak_rss_mib
+    from cbam_hrnet_d2.memory import peak_rss_mib
 
     before = peak_rss_mib()
     block = torch.ones(128 * 2**20 // 4)  # 128 MiB, touched

@@ -1,4 +1,5 @@
 """Bad config values raise errors naming the key, the value and the allowed values."""
+
 import os
 import tempfile
 import unittest
@@ -16,7 +17,12 @@ def _build(opts):
 class TestBadValues(unittest.TestCase):
     cases = [
         (["MODEL.HRNET.WIDTH", 24], "MODEL.HRNET.WIDTH", "24", "18, 32, 48"),
-        (["MODEL.HRNET.NORM", "LN"], "MODEL.HRNET.NORM", "'LN'", "'BN', 'SyncBN', 'FrozenBN', 'GN'"),
+        (
+            ["MODEL.HRNET.NORM", "LN"],
+            "MODEL.HRNET.NORM",
+            "'LN'",
+            "'BN', 'SyncBN', 'FrozenBN', 'GN'",
+        ),
         (["MODEL.CBAM.POSITION", "neck"], "MODEL.CBAM.POSITION", "'neck'", "'branches', 'fpn'"),
         (["MODEL.CBAM.REDUCTION", 0], "MODEL.CBAM.REDUCTION", "0", ">= 1"),
         (["MODEL.CBAM.KERNEL_SIZE", 4], "MODEL.CBAM.KERNEL_SIZE", "4", "odd positive"),
@@ -37,7 +43,9 @@ class TestBadValues(unittest.TestCase):
 
     def test_position_fpn_on_bare_trunk_is_refused(self):
         with self.assertRaisesRegex(ValueError, "build_cbam_hrnet_fpn_backbone"):
-            _build(["MODEL.BACKBONE.NAME", "build_cbam_hrnet_backbone", "MODEL.CBAM.POSITION", "fpn"])
+            _build(
+                ["MODEL.BACKBONE.NAME", "build_cbam_hrnet_backbone", "MODEL.CBAM.POSITION", "fpn"]
+            )
 
     def test_unknown_yaml_key_fails_naming_it(self):
         with tempfile.TemporaryDirectory() as d:
@@ -57,7 +65,7 @@ class TestBadTrainingValues(unittest.TestCase):
     def test_unknown_optimizer_names_key_value_and_allowed_values(self):
         from detectron2.modeling import build_model
 
-        from cbam_hrnet_d2.engine import build_optimizer
+        from cbam_hrnet_d2.solver import build_optimizer
 
         cfg = get_config(opts=["SOLVER.OPTIMIZER", "Lion"])
         with self.assertRaisesRegex(ValueError, r"SOLVER.OPTIMIZER = 'Lion'.*\['SGD', 'AdamW'\]"):
@@ -67,7 +75,9 @@ class TestBadTrainingValues(unittest.TestCase):
         from cbam_hrnet_d2.data import register_from_cfg
 
         cfg = get_config(opts=["DATASETS.REGISTER_COCO", "[['only_a_name', 'a.json']]"])
-        with self.assertRaisesRegex(ValueError, r"DATASETS.REGISTER_COCO\[0\].*\[name, json_file, image_root\]"):
+        with self.assertRaisesRegex(
+            ValueError, r"DATASETS.REGISTER_COCO\[0\].*\[name, json_file, image_root\]"
+        ):
             register_from_cfg(cfg)
 
     def test_reregistering_a_name_with_other_files_is_refused(self):
@@ -75,5 +85,7 @@ class TestBadTrainingValues(unittest.TestCase):
 
         register_coco_json("twice_test", "/x/a.json", "/x/img")
         register_coco_json("twice_test", "/x/a.json", "/x/img")  # same files: fine
-        with self.assertRaisesRegex(ValueError, r"'twice_test' is already registered with other files"):
+        with self.assertRaisesRegex(
+            ValueError, r"'twice_test' is already registered with other files"
+        ):
             register_coco_json("twice_test", "/y/b.json", "/y/img")

@@ -1,4 +1,5 @@
 """Every runnable YAML loads, builds a GeneralizedRCNN on CPU, trains one step and predicts masks."""
+
 import os
 import unittest
 
@@ -10,7 +11,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from cbam_hrnet_d2.benchmark import calibrate_norm_statistics
-from cbam_hrnet_d2.engine import warn_if_frozen_norms_start_random
+from cbam_hrnet_d2.config import warn_if_frozen_norms_start_random
 
 from .common import CONFIGS, collect_config_files, get_config
 
@@ -60,12 +61,16 @@ class TestRecipes(unittest.TestCase):
             self.assertEqual(p.requires_grad, not frozen, name)
 
     def test_scratch_and_shapes_recipes_train_everything_from_random_init(self):
-        for path, norm in ((os.path.join(CONFIGS, "mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml"), "SyncBN"),
-                           (os.path.join(CONFIGS, "shapes", "mask_rcnn_CBAM_HRNet_W18_FPN_shapes.yaml"), "GN")):
+        for path, norm in (
+            (os.path.join(CONFIGS, "mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml"), "SyncBN"),
+            (os.path.join(CONFIGS, "shapes", "mask_rcnn_CBAM_HRNet_W18_FPN_shapes.yaml"), "GN"),
+        ):
             with self.subTest(config=os.path.basename(path)):
                 cfg = get_config(path)
-                self.assertEqual((cfg.MODEL.WEIGHTS, cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.HRNET.NORM),
-                                 ("", 0, norm))
+                self.assertEqual(
+                    (cfg.MODEL.WEIGHTS, cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.HRNET.NORM),
+                    ("", 0, norm),
+                )
                 self.assertFalse(warn_if_frozen_norms_start_random(cfg))
                 if norm == "GN":  # 128-px images: the step time matters, not memory
                     self.assertFalse(cfg.MODEL.HRNET.ACTIVATION_CHECKPOINTING)
@@ -74,11 +79,16 @@ class TestRecipes(unittest.TestCase):
 
     def test_frozen_norms_without_weights_are_warned_about(self):
         self.assertFalse(warn_if_frozen_norms_start_random(get_config()))
-        with self.assertLogs("cbam_hrnet_d2.engine", "WARNING") as logs:
-            self.assertTrue(warn_if_frozen_norms_start_random(get_config(opts=["MODEL.WEIGHTS", ""])))
+        with self.assertLogs("cbam_hrnet_d2.config", "WARNING") as logs:
+            self.assertTrue(
+                warn_if_frozen_norms_start_random(get_config(opts=["MODEL.WEIGHTS", ""]))
+            )
         self.assertIn("MODEL.HRNET.NORM SyncBN", "\n".join(logs.output))
-        self.assertFalse(warn_if_frozen_norms_start_random(
-            get_config(opts=["MODEL.WEIGHTS", "", "MODEL.HRNET.PRETRAINED", "in1k.pth"])))
+        self.assertFalse(
+            warn_if_frozen_norms_start_random(
+                get_config(opts=["MODEL.WEIGHTS", "", "MODEL.HRNET.PRETRAINED", "in1k.pth"])
+            )
+        )
 
 
 class TestEveryConfig(unittest.TestCase):

@@ -28,7 +28,10 @@ class TestShapesGenerator(unittest.TestCase):
         cmp = filecmp.dircmp(os.path.join(self.a, "val"), os.path.join(self.b, "val"))
         self.assertEqual(len(cmp.common_files), 12)
         _, mismatch, errors = filecmp.cmpfiles(
-            os.path.join(self.a, "val"), os.path.join(self.b, "val"), cmp.common_files, shallow=False
+            os.path.join(self.a, "val"),
+            os.path.join(self.b, "val"),
+            cmp.common_files,
+            shallow=False,
         )
         self.assertEqual((mismatch, errors), ([], []))
         self.assertTrue(filecmp.cmp(self.json_a, os.path.join(self.b, "val.json"), shallow=False))
@@ -37,12 +40,18 @@ class TestShapesGenerator(unittest.TestCase):
         c = os.path.join(self.tmp.name, "c")
         generate_shapes(c, "val", 2, seed=8)
         self.assertFalse(
-            filecmp.cmp(os.path.join(self.a, "val", "000000.png"), os.path.join(c, "val", "000000.png"), shallow=False)
+            filecmp.cmp(
+                os.path.join(self.a, "val", "000000.png"),
+                os.path.join(c, "val", "000000.png"),
+                shallow=False,
+            )
         )
 
     def test_categories_are_the_six_shapes_with_ids_1_to_6(self):
         cats = self.coco.loadCats(self.coco.getCatIds())
-        self.assertEqual([(c["id"], c["name"]) for c in cats], list(enumerate(SHAPES_CATEGORIES, 1)))
+        self.assertEqual(
+            [(c["id"], c["name"]) for c in cats], list(enumerate(SHAPES_CATEGORIES, 1))
+        )
 
     def test_masks_lie_inside_images_and_match_boxes(self):
         self.assertGreater(len(self.coco.getAnnIds()), 12)
@@ -109,7 +118,9 @@ class TestDatasetFaults(unittest.TestCase):
         self.data["annotations"][1]["category_id"] = 42
         self.write(self.data)
         ann_id = self.data["annotations"][1]["id"]
-        with self.assertRaisesRegex(ValueError, rf"val.json: annotation id {ann_id} has category_id 42"):
+        with self.assertRaisesRegex(
+            ValueError, rf"val.json: annotation id {ann_id} has category_id 42"
+        ):
             validate_coco_json(self.json, self.root)
 
     def test_missing_image_names_file_and_image(self):

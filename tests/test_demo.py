@@ -1,4 +1,5 @@
 """demo/demo.py as a user runs it: many image kinds, bad files, attention pictures, video."""
+
 import os
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from PIL import Image
 
 from .common import REPO, get_config
 
-CONFIG = os.path.join(REPO, "configs/quick_schedules/mask_rcnn_CBAM_HRNet_W18_FPN_instant_test.yaml")
+CONFIG = os.path.join(
+    REPO, "configs/quick_schedules/mask_rcnn_CBAM_HRNet_W18_FPN_instant_test.yaml"
+)
 
 
 def _weights(path, opts=()):
@@ -55,12 +58,28 @@ class TestDemo(unittest.TestCase):
             f.write(b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 255, 200, dtype=np.uint8)))
         with open(cls.p("notes.jpg"), "w") as f:
             f.write("this is text, not a picture\n")
-        cls.good = {"rgb.png": (160, 120), "gray.png": (160, 120), "rgba.png": (160, 120),
-                    "palette.png": (160, 120), "deep16.png": (160, 120), "rotated.jpg": (120, 160)}
+        cls.good = {
+            "rgb.png": (160, 120),
+            "gray.png": (160, 120),
+            "rgba.png": (160, 120),
+            "palette.png": (160, 120),
+            "deep16.png": (160, 120),
+            "rotated.jpg": (120, 160),
+        }
         cls.out = os.path.join(d, "out")
         cls.proc = run_demo(
-            ["--input", cls.inputs, "--output", cls.out, "--confidence-threshold", "0.0",
-             "--attention", "--opts", "MODEL.WEIGHTS", cls.weights]
+            [
+                "--input",
+                cls.inputs,
+                "--output",
+                cls.out,
+                "--confidence-threshold",
+                "0.0",
+                "--attention",
+                "--opts",
+                "MODEL.WEIGHTS",
+                cls.weights,
+            ]
         )
 
     @classmethod
@@ -101,8 +120,20 @@ class TestDemo(unittest.TestCase):
         w = os.path.join(self.tmp.name, "fpn.pth")
         _weights(w, ["MODEL.CBAM.POSITION", "fpn"])
         out = os.path.join(self.tmp.name, "out_fpn")
-        proc = run_demo(["--input", self.p("rgb.png"), "--output", out + os.sep, "--attention",
-                         "--opts", "MODEL.WEIGHTS", w, "MODEL.CBAM.POSITION", "fpn"])
+        proc = run_demo(
+            [
+                "--input",
+                self.p("rgb.png"),
+                "--output",
+                out + os.sep,
+                "--attention",
+                "--opts",
+                "MODEL.WEIGHTS",
+                w,
+                "MODEL.CBAM.POSITION",
+                "fpn",
+            ]
+        )
         self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
         maps = sorted(f for f in os.listdir(out) if "_attention_p" in f)
         self.assertEqual(maps, [f"rgb_attention_p{i}.png" for i in range(2, 7)])
@@ -114,14 +145,19 @@ class TestDemo(unittest.TestCase):
             writer.write(np.full((64, 96, 3), 40 * i, np.uint8))
         writer.release()
         out = os.path.join(self.tmp.name, "clip_out.mp4")
-        proc = run_demo(["--video-input", src, "--output", out, "--opts", "MODEL.WEIGHTS", self.weights])
+        proc = run_demo(
+            ["--video-input", src, "--output", out, "--opts", "MODEL.WEIGHTS", self.weights]
+        )
         self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
         cap = cv2.VideoCapture(out)
         frames = 0
         while cap.read()[0]:
             frames += 1
         self.assertEqual(frames, 5)
-        self.assertEqual((int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))), (96, 64))
+        self.assertEqual(
+            (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))),
+            (96, 64),
+        )
         self.assertAlmostEqual(cap.get(cv2.CAP_PROP_FPS), 12.0, places=1)
 
     def test_output_directory_that_cannot_be_created_fails_before_inference(self):

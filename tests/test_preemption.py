@@ -2,6 +2,7 @@
 (one process and two) stops after the current step with a checkpoint and a resume line, and
 ``--resume`` continues exactly; a checkpoint write that fails (full disk, permission, I/O error)
 leaves the previous checkpoint, ``last_checkpoint`` and no temporary file."""
+
 import errno
 import os
 import re
@@ -56,7 +57,9 @@ class PreemptionCase(TrainingTestCase):
         self.assertIsNotNone(m, log[-3000:])
         it, path = int(m.group(1)), m.group(2)
         self.assertEqual(path, os.path.join(out, f"model_{it:07d}.pth"))
-        self.assertEqual(open(os.path.join(out, "last_checkpoint")).read().strip(), os.path.basename(path))
+        self.assertEqual(
+            open(os.path.join(out, "last_checkpoint")).read().strip(), os.path.basename(path)
+        )
         self.assertEqual(load_tensor_file(path)["iteration"], it)
         self.assertFalse(os.path.exists(os.path.join(out, "model_final.pth")))
         self.assertEqual([f for f in os.listdir(out) if f.endswith(".incomplete")], [])
@@ -65,9 +68,22 @@ class PreemptionCase(TrainingTestCase):
 
 class TestPreemptionOneProcess(PreemptionCase):
     def test_sigterm_checkpoints_the_current_iteration_and_resume_is_exact(self):
-        common = self.data_opts + ["SEED", 7, "DATALOADER.NUM_WORKERS", 0, "DATALOADER.EXACT_RESUME", True,
-                                   "SOLVER.MAX_ITER", 14, "SOLVER.CHECKPOINT_PERIOD", 1000,
-                                   "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
+        common = self.data_opts + [
+            "SEED",
+            7,
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "DATALOADER.EXACT_RESUME",
+            True,
+            "SOLVER.MAX_ITER",
+            14,
+            "SOLVER.CHECKPOINT_PERIOD",
+            1000,
+            "TEST.EVAL_PERIOD",
+            0,
+            "DATASETS.TEST",
+            "()",
+        ]
         straight = self.out("pre_straight")
         self.check(run_train_net(common + ["OUTPUT_DIR", straight]))
 
@@ -87,26 +103,57 @@ class TestPreemptionOneProcess(PreemptionCase):
 
     def test_sigint_stops_the_same_way_with_exit_code_130(self):
         out = self.out("pre_sigint")
-        opts = self.data_opts + ["SOLVER.MAX_ITER", 200, "SOLVER.CHECKPOINT_PERIOD", 1000,
-                                 "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", 2]
+        opts = self.data_opts + [
+            "SOLVER.MAX_ITER",
+            200,
+            "SOLVER.CHECKPOINT_PERIOD",
+            1000,
+            "TEST.EVAL_PERIOD",
+            0,
+            "DATASETS.TEST",
+            "()",
+            "DATALOADER.NUM_WORKERS",
+            2,
+        ]
         rc, log = self.preempt(opts, out, sig=signal.SIGINT, after_s=1.0)
         self.check_stopped(rc, log, out, signal.SIGINT)
         self.assertNotIn("Traceback", log)
 
 
 class TestPreemptionTwoProcesses(PreemptionCase):
-    def test_sigterm_to_the_launcher_stops_both_with_one_checkpoint_and_resume_is_exact_on_every_rank(self):
-        common = self.data_opts + ["SEED", 5, "DATALOADER.NUM_WORKERS", 0, "DATALOADER.EXACT_RESUME", True,
-                                   "SOLVER.MAX_ITER", 9, "SOLVER.IMS_PER_BATCH", 4, "SOLVER.CHECKPOINT_PERIOD", 1000,
-                                   "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
+    def test_sigterm_to_the_launcher_stops_both_with_one_checkpoint_and_resume_is_exact_on_every_rank(
+        self,
+    ):
+        common = self.data_opts + [
+            "SEED",
+            5,
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "DATALOADER.EXACT_RESUME",
+            True,
+            "SOLVER.MAX_ITER",
+            9,
+            "SOLVER.IMS_PER_BATCH",
+            4,
+            "SOLVER.CHECKPOINT_PERIOD",
+            1000,
+            "TEST.EVAL_PERIOD",
+            0,
+            "DATASETS.TEST",
+            "()",
+        ]
         straight = self.out("pre2_straight")
         self.check(run_train_net(["--num-gpus", 2] + common + ["OUTPUT_DIR", straight]))
 
         out = self.out("pre2_stopped")
         rc, log = self.preempt(common, out, after_s=3.0, extra=["--num-gpus", 2])
         it = self.check_stopped(rc, log, out, signal.SIGTERM)
-        self.assertEqual([f for f in os.listdir(out) if f.endswith(".pth")], [f"model_{it:07d}.pth"])
-        rng = load_tensor_file(os.path.join(out, f"model_{it:07d}.pth"))["trainer"]["hooks"]["ExactResume"]
+        self.assertEqual(
+            [f for f in os.listdir(out) if f.endswith(".pth")], [f"model_{it:07d}.pth"]
+        )
+        rng = load_tensor_file(os.path.join(out, f"model_{it:07d}.pth"))["trainer"]["hooks"][
+            "ExactResume"
+        ]
         self.assertEqual(len(rng["ranks"]), 2)  # every rank's RNG state, not only rank 0's
 
         proc = run_train_net(["--resume", "--num-gpus", 2] + common + ["OUTPUT_DIR", out])
@@ -131,8 +178,12 @@ class TestFailedCheckpointWrite(unittest.TestCase):
 
     def assert_previous_intact(self):
         self.assertEqual(sorted(os.listdir(self.dir)), ["last_checkpoint", "model_0000000.pth"])
-        self.assertEqual(open(os.path.join(self.dir, "last_checkpoint")).read(), "model_0000000.pth")
-        self.assertEqual(load_tensor_file(os.path.join(self.dir, "model_0000000.pth"))["iteration"], 0)
+        self.assertEqual(
+            open(os.path.join(self.dir, "last_checkpoint")).read(), "model_0000000.pth"
+        )
+        self.assertEqual(
+            load_tensor_file(os.path.join(self.dir, "model_0000000.pth"))["iteration"], 0
+        )
 
     def test_disk_full_mid_write_removes_the_temporary_file_and_names_path_and_reason(self):
         real_save = torch.save
@@ -152,26 +203,44 @@ class TestFailedCheckpointWrite(unittest.TestCase):
         self.assertIs(torch.save, real_save)
 
     def test_permission_denied_names_path_and_leaves_the_previous_checkpoint(self):
-        with mock.patch("cbam_hrnet_d2.files.open", side_effect=PermissionError(errno.EACCES, "Permission denied"),
-                        create=True):
-            with self.assertRaisesRegex(FileWriteError, r"model_0000001.pth: PermissionError.*Permission denied"):
+        with mock.patch(
+            "cbam_hrnet_d2.files.open",
+            side_effect=PermissionError(errno.EACCES, "Permission denied"),
+            create=True,
+        ):
+            with self.assertRaisesRegex(
+                FileWriteError, r"model_0000001.pth: PermissionError.*Permission denied"
+            ):
                 self.ckpt.save("model_0000001", iteration=1)
         self.assert_previous_intact()
 
     def test_io_error_while_tagging_last_checkpoint_keeps_the_old_tag(self):
-        with mock.patch("cbam_hrnet_d2.files.os.fsync", side_effect=[None, OSError(errno.EIO, "Input/output error")]):
-            with self.assertRaisesRegex(FileWriteError, r"last_checkpoint: OSError.*Input/output error"):
+        with mock.patch(
+            "cbam_hrnet_d2.files.os.fsync",
+            side_effect=[None, OSError(errno.EIO, "Input/output error")],
+        ):
+            with self.assertRaisesRegex(
+                FileWriteError, r"last_checkpoint: OSError.*Input/output error"
+            ):
                 self.ckpt.save("model_0000001", iteration=1)
         # the new checkpoint file is complete, but last_checkpoint still names the previous one
-        self.assertEqual(open(os.path.join(self.dir, "last_checkpoint")).read(), "model_0000000.pth")
-        self.assertEqual(load_tensor_file(os.path.join(self.dir, "model_0000001.pth"))["iteration"], 1)
+        self.assertEqual(
+            open(os.path.join(self.dir, "last_checkpoint")).read(), "model_0000000.pth"
+        )
+        self.assertEqual(
+            load_tensor_file(os.path.join(self.dir, "model_0000001.pth"))["iteration"], 1
+        )
         self.assertEqual([f for f in os.listdir(self.dir) if f.startswith(".")], [])
 
 
 def _mount_tmpfs(path, size):
     try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path], check=True,
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         return True
     except (OSError, subprocess.SubprocessError):
         return False
@@ -183,10 +252,23 @@ class TestFullDisk(TrainingTestCase):
         os.makedirs(out)
         # one checkpoint of the instant-test model is ~150 MB: room for one, not two
         if not _mount_tmpfs(out, "230m"):
-            self.skipTest("needs root to mount a small tmpfs (TestFailedCheckpointWrite injects the fault instead)")
+            self.skipTest(
+                "needs root to mount a small tmpfs (TestFailedCheckpointWrite injects the fault instead)"
+            )
         self.addCleanup(subprocess.run, ["umount", "-l", out], capture_output=True)
-        proc = run_train_net(self.data_opts + ["OUTPUT_DIR", out, "SOLVER.CHECKPOINT_PERIOD", 2,
-                                               "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"])
+        proc = run_train_net(
+            self.data_opts
+            + [
+                "OUTPUT_DIR",
+                out,
+                "SOLVER.CHECKPOINT_PERIOD",
+                2,
+                "TEST.EVAL_PERIOD",
+                0,
+                "DATASETS.TEST",
+                "()",
+            ]
+        )
         self.assertNotEqual(proc.returncode, 0)
         err = proc.stderr
         self.assertIn(f"could not write {out}/model_0000003.pth", err)

@@ -2,6 +2,7 @@
 RLE masks (compressed and uncompressed), crowd regions, category ids with gaps, images without
 annotations, file names with sub-folders; truncated / zero-byte images; a json that is not JSON
 through the library path; the dataset check."""
+
 import json
 import os
 import shutil
@@ -40,7 +41,9 @@ def make_tool_export(src_json: str, src_images: str, out_dir: str) -> str:
     for i, img in enumerate(data["images"]):
         sub = f"batch{i % 2}"
         os.makedirs(os.path.join(out_dir, "images", sub), exist_ok=True)
-        shutil.copy(os.path.join(src_images, img["file_name"]), os.path.join(out_dir, "images", sub))
+        shutil.copy(
+            os.path.join(src_images, img["file_name"]), os.path.join(out_dir, "images", sub)
+        )
         img["file_name"] = f"{sub}/{img['file_name']}"
     images = {img["id"]: img for img in data["images"]}
     for ann in data["annotations"]:
@@ -60,8 +63,15 @@ def make_tool_export(src_json: str, src_images: str, out_dir: str) -> str:
     crowd = np.zeros((first["height"], first["width"]), np.uint8)
     crowd[:10, :10] = 1
     data["annotations"].append(
-        {"id": 10_000, "image_id": first["id"], "category_id": 10, "iscrowd": 1, "area": 100.0,
-         "bbox": [0.0, 0.0, 10.0, 10.0], "segmentation": _uncompressed_rle(crowd)}
+        {
+            "id": 10_000,
+            "image_id": first["id"],
+            "category_id": 10,
+            "iscrowd": 1,
+            "area": 100.0,
+            "bbox": [0.0, 0.0, 10.0, 10.0],
+            "segmentation": _uncompressed_rle(crowd),
+        }
     )
     # an image without annotations
     last = data["images"][-1]
@@ -84,13 +94,20 @@ class TestToolExports(TrainingTestCase):
     def setUpClass(cls):
         super().setUpClass()
         root = os.path.join(cls.tmp.name, "data")
-        cls.train_json = make_tool_export(f"{root}/train.json", f"{root}/train", os.path.join(cls.tmp.name, "xtrain"))
-        cls.val_json = make_tool_export(f"{root}/val.json", f"{root}/val", os.path.join(cls.tmp.name, "xval"))
+        cls.train_json = make_tool_export(
+            f"{root}/train.json", f"{root}/train", os.path.join(cls.tmp.name, "xtrain")
+        )
+        cls.val_json = make_tool_export(
+            f"{root}/val.json", f"{root}/val", os.path.join(cls.tmp.name, "xval")
+        )
         cls.export_opts = [
             "DATASETS.REGISTER_COCO",
             f"[['x_train', '{cls.train_json}', '{cls.tmp.name}/xtrain/images'], "
             f"['x_val', '{cls.val_json}', '{cls.tmp.name}/xval/images']]",
-            "DATASETS.TRAIN", "('x_train',)", "DATASETS.TEST", "('x_val',)",
+            "DATASETS.TRAIN",
+            "('x_train',)",
+            "DATASETS.TEST",
+            "('x_val',)",
         ]
 
     def test_export_has_what_the_test_claims(self):
@@ -112,7 +129,9 @@ class TestToolExports(TrainingTestCase):
         proc = run_train_net(self.export_opts + ["OUTPUT_DIR", out])
         self.check(proc)
         log = proc.stdout + proc.stderr
-        self.assertRegex(log, r"x_train: \d+ instance masks are RLE.*using INPUT.MASK_FORMAT 'bitmask'")
+        self.assertRegex(
+            log, r"x_train: \d+ instance masks are RLE.*using INPUT.MASK_FORMAT 'bitmask'"
+        )
         with open(os.path.join(out, "results.json")) as f:
             results = json.load(f)["x_val"]
         self.assertEqual(set(results), {"bbox", "segm"})
@@ -120,7 +139,9 @@ class TestToolExports(TrainingTestCase):
         # --eval-only on the json without "info" (pycocotools 2.0.9/2.0.10 crashed in loadRes)
         ev = self.out("export_eval")
         proc = run_train_net(
-            ["--eval-only"] + self.export_opts + ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "OUTPUT_DIR", ev]
+            ["--eval-only"]
+            + self.export_opts
+            + ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "OUTPUT_DIR", ev]
         )
         self.check(proc)
         self.assertIn("Evaluation results for segm", proc.stdout + proc.stderr)
@@ -131,13 +152,21 @@ class TestToolExports(TrainingTestCase):
         self.assertIn("x_train: ok", proc.stdout + proc.stderr)
 
 
-CONFIG_FOR_CHECK = os.path.join(REPO, "configs/quick_schedules/mask_rcnn_CBAM_HRNet_W18_FPN_instant_test.yaml")
+CONFIG_FOR_CHECK = os.path.join(
+    REPO, "configs/quick_schedules/mask_rcnn_CBAM_HRNet_W18_FPN_instant_test.yaml"
+)
 
 
 def run_check(args):
     cmd = [sys.executable, "-m", "cbam_hrnet_d2.data", "--check"] + [str(a) for a in args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
 
 
 class TestBadImages(TrainingTestCase):
@@ -153,7 +182,8 @@ class TestBadImages(TrainingTestCase):
         cls.bad_opts = [
             "DATASETS.REGISTER_COCO",
             f"[['bad_train', '{cls.bad_train_json}', '{root}/train'], ['bad_val', '{cls.bad_train_json}', '{root}/train']]",
-            "DATASETS.TRAIN", "('bad_train',)",
+            "DATASETS.TRAIN",
+            "('bad_train',)",
         ]
 
     def test_bad_images_are_skipped_named_and_counted_in_metrics(self):
@@ -161,20 +191,32 @@ class TestBadImages(TrainingTestCase):
         proc = run_train_net(self.bad_opts + ["DATASETS.TEST", "()", "OUTPUT_DIR", out])
         self.check(proc)
         log = proc.stdout + proc.stderr
-        self.assertIn(f"Dataset 'bad_train': skipping image {self.truncated} (OSError: image file is truncated", log)
-        self.assertIn(f"Dataset 'bad_train': skipping image {self.empty} (UnidentifiedImageError", log)
+        self.assertIn(
+            f"Dataset 'bad_train': skipping image {self.truncated} (OSError: image file is truncated",
+            log,
+        )
+        self.assertIn(
+            f"Dataset 'bad_train': skipping image {self.empty} (UnidentifiedImageError", log
+        )
         counts = [m["data/bad_images"] for m in read_metrics(out) if "data/bad_images" in m]
         self.assertEqual(counts[-1], 2)
         with open(os.path.join(out, "bad_images.tsv")) as f:
             listed = {line.split("\t")[1] for line in f}
         self.assertEqual(listed, {self.truncated, self.empty})
-        self.assertRegex(log, r"2 image\(s\) were skipped as unusable; they are listed in .*bad_images.tsv")
+        self.assertRegex(
+            log, r"2 image\(s\) were skipped as unusable; they are listed in .*bad_images.tsv"
+        )
 
     def test_bad_image_in_evaluation_stops_naming_dataset_and_file(self):
         out = self.out("bad_eval")
-        proc = run_train_net(["--eval-only"] + self.bad_opts + ["DATASETS.TEST", "('bad_val',)", "OUTPUT_DIR", out])
+        proc = run_train_net(
+            ["--eval-only"] + self.bad_opts + ["DATASETS.TEST", "('bad_val',)", "OUTPUT_DIR", out]
+        )
         self.assertNotEqual(proc.returncode, 0)
-        self.assertRegex(proc.stderr, r"BadImageError: Dataset 'bad_val': image .*/train/00000[35].png cannot be used")
+        self.assertRegex(
+            proc.stderr,
+            r"BadImageError: Dataset 'bad_val': image .*/train/00000[35].png cannot be used",
+        )
         self.assertIn("--check bad_val", proc.stderr)
 
     def test_dataset_check_lists_every_bad_image_and_annotation(self):
@@ -184,7 +226,10 @@ class TestBadImages(TrainingTestCase):
         bad_box_json = os.path.join(os.path.dirname(self.bad_train_json), "bad_box.json")
         with open(bad_box_json, "w") as f:
             json.dump(data, f)
-        opts = ["DATASETS.REGISTER_COCO", f"[['bad_box', '{bad_box_json}', '{os.path.dirname(self.truncated)}']]"]
+        opts = [
+            "DATASETS.REGISTER_COCO",
+            f"[['bad_box', '{bad_box_json}', '{os.path.dirname(self.truncated)}']]",
+        ]
         proc = run_check(["bad_box", "--config-file", CONFIG_FOR_CHECK] + opts)
         self.assertEqual(proc.returncode, 1)
         log = proc.stdout + proc.stderr
@@ -215,5 +260,7 @@ class TestLibraryPath(unittest.TestCase):
         with open(json_file, "w") as f:
             json.dump(data, f)
         register_coco_json("library_path_bad_category", json_file, os.path.join(tmp, "val"))
-        with self.assertRaisesRegex(ValueError, rf"{json_file}: annotation id \d+ has category_id 99"):
+        with self.assertRaisesRegex(
+            ValueError, rf"{json_file}: annotation id \d+ has category_id 99"
+        ):
             DatasetCatalog.get("library_path_bad_category")

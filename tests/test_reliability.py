@@ -1,4 +1,5 @@
 """Failure behaviour: SIGKILL during training (checkpoint writes included) and non-finite losses."""
+
 import os
 import random
 import shutil
@@ -30,8 +31,18 @@ def _assert_checkpoints_loadable(test, out):
 class TestKilledTraining(TrainingTestCase):
     def test_repeated_sigkill_never_leaves_a_broken_checkpoint_and_resume_finishes(self):
         out = self.out("killed")
-        opts = self.data_opts + ["OUTPUT_DIR", out, "SOLVER.MAX_ITER", 12, "SOLVER.CHECKPOINT_PERIOD", 1,
-                                 "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
+        opts = self.data_opts + [
+            "OUTPUT_DIR",
+            out,
+            "SOLVER.MAX_ITER",
+            12,
+            "SOLVER.CHECKPOINT_PERIOD",
+            1,
+            "TEST.EVAL_PERIOD",
+            0,
+            "DATASETS.TEST",
+            "()",
+        ]
         rng = random.Random(0)
         kills = 0
         for attempt in range(8):
@@ -41,8 +52,11 @@ class TestKilledTraining(TrainingTestCase):
             before = _assert_checkpoints_loadable(self, out)
             deadline = time.time() + 240
             while proc.poll() is None and time.time() < deadline:
-                now = open(os.path.join(out, "last_checkpoint")).read().strip() if os.path.exists(
-                    os.path.join(out, "last_checkpoint")) else None
+                now = (
+                    open(os.path.join(out, "last_checkpoint")).read().strip()
+                    if os.path.exists(os.path.join(out, "last_checkpoint"))
+                    else None
+                )
                 if now != before:
                     time.sleep(rng.uniform(0.0, 1.5))
                     break
@@ -53,7 +67,9 @@ class TestKilledTraining(TrainingTestCase):
             proc.wait()
             kills += 1
             _assert_checkpoints_loadable(self, out)
-        print(f"SIGKILL loop: survived {kills} kills, every checkpoint loadable after each")  # pytest -rP
+        print(
+            f"SIGKILL loop: survived {kills} kills, every checkpoint loadable after each"
+        )  # pytest -rP
         self.assertGreaterEqual(kills, 4)
         proc = run_train_net(["--resume"] + opts)
         self.assertEqual(proc.returncode, 0, proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -67,9 +83,22 @@ class TestKilledTraining(TrainingTestCase):
 
 class TestExactResume(TrainingTestCase):
     def test_killed_and_resumed_run_ends_with_the_same_weights_as_a_straight_run(self):
-        common = self.data_opts + ["SEED", 7, "DATALOADER.NUM_WORKERS", 0, "DATALOADER.EXACT_RESUME", True,
-                                   "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 3,
-                                   "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
+        common = self.data_opts + [
+            "SEED",
+            7,
+            "DATALOADER.NUM_WORKERS",
+            0,
+            "DATALOADER.EXACT_RESUME",
+            True,
+            "SOLVER.MAX_ITER",
+            6,
+            "SOLVER.CHECKPOINT_PERIOD",
+            3,
+            "TEST.EVAL_PERIOD",
+            0,
+            "DATASETS.TEST",
+            "()",
+        ]
         straight = self.out("straight")
         proc = run_train_net(common + ["OUTPUT_DIR", straight])
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
@@ -84,10 +113,15 @@ class TestExactResume(TrainingTestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
         self.assertIn("replayed 3/3 batches", proc.stdout + proc.stderr)
         # control: detectron2's own resume (data stream and RNGs restart) does not end equal
-        proc = run_train_net(["--resume"] + common + ["OUTPUT_DIR", plain, "DATALOADER.EXACT_RESUME", False])
+        proc = run_train_net(
+            ["--resume"] + common + ["OUTPUT_DIR", plain, "DATALOADER.EXACT_RESUME", False]
+        )
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
 
-        final = {d: load_tensor_file(os.path.join(d, "model_final.pth")) for d in (straight, resumed, plain)}
+        final = {
+            d: load_tensor_file(os.path.join(d, "model_final.pth"))
+            for d in (straight, resumed, plain)
+        }
         a, b, c = final[straight], final[resumed], final[plain]
         self.assertEqual(a["iteration"], b["iteration"])
         self.assertEqual(a["model"].keys(), b["model"].keys())
@@ -104,14 +138,29 @@ class TestNonFiniteLoss(TrainingTestCase):
     def test_nan_loss_stops_training_naming_iteration_and_keeps_last_checkpoint(self):
         out = self.out("nan")
         proc = run_train_net(
-            self.data_opts + ["OUTPUT_DIR", out, "SOLVER.BASE_LR", 1e12, "SOLVER.MAX_ITER", 30,
-                              "SOLVER.CHECKPOINT_PERIOD", 1, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
+            self.data_opts
+            + [
+                "OUTPUT_DIR",
+                out,
+                "SOLVER.BASE_LR",
+                1e12,
+                "SOLVER.MAX_ITER",
+                30,
+                "SOLVER.CHECKPOINT_PERIOD",
+                1,
+                "TEST.EVAL_PERIOD",
+                0,
+                "DATASETS.TEST",
+                "()",
+            ]
         )
         self.assertNotEqual(proc.returncode, 0)
         log = proc.stdout + proc.stderr
         tail = log[-4000:]
         self.assertRegex(tail, r"Training stopped at iteration \d+", tail)
-        self.assertRegex(tail, r"(Loss became infinite or NaN at iteration=\d+|contain Inf/NaN)", tail)
+        self.assertRegex(
+            tail, r"(Loss became infinite or NaN at iteration=\d+|contain Inf/NaN)", tail
+        )
         self.assertFalse(os.path.exists(os.path.join(out, "model_final.pth")))
         name = _assert_checkpoints_loadable(self, out)
         self.assertIsNotNone(name)

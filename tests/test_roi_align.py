@@ -1,4 +1,5 @@
 """SparseROIAlign gives torchvision's RoIAlign results and gradients; the default configs use it."""
+
 import itertools
 import unittest
 
@@ -8,7 +9,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes
 from torchvision.ops import roi_align
 
-from cbam_hrnet_d2.engine import keep_large_allocations_in_heap
+from cbam_hrnet_d2.cpu import keep_large_allocations_in_heap
 from cbam_hrnet_d2.roi_align import SparseROIAlign, SparseROIAlignROIHeads, use_sparse_roi_align
 
 from .common import get_config
@@ -54,13 +55,17 @@ class TestSparseROIAlignEqualsTorchvision(unittest.TestCase):
         rois = random_rois(2, 10, 12, 0.5, 10, g).double()
         got = SparseROIAlign((7, 7), 0.5, 0, True)(x, rois)
         self.assertEqual(got.dtype, torch.float64)
-        torch.testing.assert_close(got, roi_align(x, rois, (7, 7), 0.5, 0, True), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            got, roi_align(x, rois, (7, 7), 0.5, 0, True), rtol=1e-10, atol=1e-10
+        )
         empty = SparseROIAlign((7, 7), 0.5, 0, True)(x.float(), torch.zeros(0, 5))
         self.assertEqual(tuple(empty.shape), (0, 4, 7, 7))
 
     def test_batch_index_outside_the_batch_is_refused(self):
         with self.assertRaisesRegex(ValueError, r"rois\[:, 0\] must lie in \[0, 1\)"):
-            SparseROIAlign((7, 7), 1.0, 0, True)(torch.zeros(1, 2, 8, 8), torch.tensor([[1.0, 0, 0, 4, 4]]))
+            SparseROIAlign((7, 7), 1.0, 0, True)(
+                torch.zeros(1, 2, 8, 8), torch.tensor([[1.0, 0, 0, 4, 4]])
+            )
 
 
 class TestSparseROIAlignInTheModel(unittest.TestCase):
@@ -93,7 +98,9 @@ class TestSparseROIAlignInTheModel(unittest.TestCase):
         module = torch.nn.Sequential(ROIAlign((7, 7), 0.25, 2, aligned=False), torch.nn.ReLU())
         use_sparse_roi_align(module)
         self.assertIs(type(module[0]), SparseROIAlign)
-        self.assertEqual((module[0].spatial_scale, module[0].sampling_ratio, module[0].aligned), (0.25, 2, False))
+        self.assertEqual(
+            (module[0].spatial_scale, module[0].sampling_ratio, module[0].aligned), (0.25, 2, False)
+        )
         self.assertIs(type(module[1]), torch.nn.ReLU)
 
 

@@ -1,5 +1,6 @@
 """The speed options (MODEL.HRNET.CHANNELS_LAST, MODEL.HRNET.FOLD_BN, the sparse CPU RoIAlign of
 MODEL.ROI_HEADS.NAME SparseROIAlignROIHeads) give the plain model's results."""
+
 import unittest
 
 import torch
@@ -10,7 +11,14 @@ from cbam_hrnet_d2.fold_bn import fold_batchnorm
 
 from .common import get_config
 
-PLAIN = ["MODEL.HRNET.CHANNELS_LAST", False, "MODEL.HRNET.FOLD_BN", False, "MODEL.ROI_HEADS.NAME", "StandardROIHeads"]
+PLAIN = [
+    "MODEL.HRNET.CHANNELS_LAST",
+    False,
+    "MODEL.HRNET.FOLD_BN",
+    False,
+    "MODEL.ROI_HEADS.NAME",
+    "StandardROIHeads",
+]
 H, W = 160, 224
 
 
@@ -40,8 +48,11 @@ class TestSpeedOptionsKeepResults(unittest.TestCase):
         self.assertTrue(cfg.MODEL.HRNET.CHANNELS_LAST and cfg.MODEL.HRNET.FOLD_BN)
         w = self.fast.backbone.bottom_up.trunk.conv1.weight
         self.assertTrue(w.is_contiguous(memory_format=torch.channels_last))
-        self.assertFalse(self.plain.backbone.bottom_up.trunk.conv1.weight.is_contiguous(
-            memory_format=torch.channels_last))
+        self.assertFalse(
+            self.plain.backbone.bottom_up.trunk.conv1.weight.is_contiguous(
+                memory_format=torch.channels_last
+            )
+        )
 
     @staticmethod
     def box_deltas(model, x):
@@ -77,8 +88,14 @@ class TestSpeedOptionsKeepResults(unittest.TestCase):
 
         def canonical(inst):
             # random-init scores tie often; order ties by class and box so that the two lists align
-            rows = torch.cat([inst.scores[:, None].mul(1e3).round(), inst.pred_classes[:, None].float(),
-                              inst.pred_boxes.tensor.round()], 1).tolist()
+            rows = torch.cat(
+                [
+                    inst.scores[:, None].mul(1e3).round(),
+                    inst.pred_classes[:, None].float(),
+                    inst.pred_boxes.tensor.round(),
+                ],
+                1,
+            ).tolist()
             order = sorted(range(len(rows)), key=lambda i: rows[i])
             return inst.pred_boxes.tensor[order]
 
@@ -128,7 +145,11 @@ class TestFoldBatchnorm(unittest.TestCase):
     def test_counts_and_equality_on_a_conv_bn_pair(self):
         torch.manual_seed(0)
         m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
-        m[1].running_mean.uniform_(-1, 1), m[1].running_var.uniform_(0.5, 2), m[1].weight.data.uniform_(0.5, 2)
+        (
+            m[1].running_mean.uniform_(-1, 1),
+            m[1].running_var.uniform_(0.5, 2),
+            m[1].weight.data.uniform_(0.5, 2),
+        )
         m.eval()
         folded, count = fold_batchnorm(m)
         self.assertEqual(count, 1)
@@ -194,14 +215,18 @@ class TestActivationCheckpointing(unittest.TestCase):
 
         self.assertEqual(recomputed(self.build(True)), 8)  # 1 + 4 + 3 modules of stages 2..4
         with self.assertLogs("cbam_hrnet_d2.backbone", "INFO") as logs:
-            bn_trunk = self.build(True, ["MODEL.HRNET.NORM", "SyncBN", "MODEL.BACKBONE.FREEZE_AT", 0])
+            bn_trunk = self.build(
+                True, ["MODEL.HRNET.NORM", "SyncBN", "MODEL.BACKBONE.FREEZE_AT", 0]
+            )
         self.assertEqual(recomputed(bn_trunk), 0)
         self.assertIn("would update its statistics twice", "\n".join(logs.output))
 
     def test_batchnorm_trunk_is_refused_with_the_keys_to_change(self):
         from cbam_hrnet_d2.hrnet import build_hrnet_trunk, recompute_hrnet_modules
 
-        with self.assertRaisesRegex(ValueError, "MODEL.HRNET.ACTIVATION_CHECKPOINTING False or MODEL.HRNET.NORM"):
+        with self.assertRaisesRegex(
+            ValueError, "MODEL.HRNET.ACTIVATION_CHECKPOINTING False or MODEL.HRNET.NORM"
+        ):
             recompute_hrnet_modules(build_hrnet_trunk(18, norm="BN"))
 
     def test_outputs_and_gradients_equal_without_checkpointing(self):

@@ -1,5 +1,6 @@
 """train_net.py end to end on a tiny generated dataset: train, checkpoint, --eval-only, --resume,
 two CPU processes, and the errors for missing datasets and unknown keys."""
+
 import json
 import math
 import os
@@ -16,7 +17,9 @@ from cbam_hrnet_d2.data import generate_shapes
 
 from .common import REPO
 
-CONFIG = os.path.join(REPO, "configs/quick_schedules/mask_rcnn_CBAM_HRNet_W18_FPN_instant_test.yaml")
+CONFIG = os.path.join(
+    REPO, "configs/quick_schedules/mask_rcnn_CBAM_HRNet_W18_FPN_instant_test.yaml"
+)
 
 
 def run_train_net(args, env=None, timeout=600, wait=True, log=None):
@@ -27,8 +30,12 @@ def run_train_net(args, env=None, timeout=600, wait=True, log=None):
     if not wait:
         # never a pipe nobody reads: a full pipe would block the child
         with open(log or os.devnull, "ab") as out:
-            return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+            return subprocess.Popen(
+                cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT
+            )
+    return subprocess.run(
+        cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read_metrics(output_dir):
@@ -48,8 +55,10 @@ class TrainingTestCase(unittest.TestCase):
         cls.data_opts = [
             "DATASETS.REGISTER_COCO",
             f"[['tiny_train', '{train_json}', '{root}/train'], ['tiny_val', '{val_json}', '{root}/val']]",
-            "DATASETS.TRAIN", "('tiny_train',)",
-            "DATASETS.TEST", "('tiny_val',)",
+            "DATASETS.TRAIN",
+            "('tiny_train',)",
+            "DATASETS.TEST",
+            "('tiny_val',)",
         ]
 
     @classmethod
@@ -69,7 +78,9 @@ class TrainingTestCase(unittest.TestCase):
                 break
             time.sleep(0.01)
         proc.wait()
-        self.assertEqual(proc.returncode, -signal.SIGKILL, "training ended before it could be killed")
+        self.assertEqual(
+            proc.returncode, -signal.SIGKILL, "training ended before it could be killed"
+        )
         self.assertFalse(os.path.isfile(os.path.join(out, "model_final.pth")))
 
     def check(self, proc):
@@ -80,7 +91,13 @@ class TestTrainEvalResume(TrainingTestCase):
     def test_train_writes_checkpoint_metrics_and_ap_tables_then_eval_only_reproduces_ap(self):
         out = self.out("train")
         self.check(run_train_net(self.data_opts + ["OUTPUT_DIR", out]))
-        for name in ("model_final.pth", "metrics.json", "ap_tables.md", "results.json", "last_checkpoint"):
+        for name in (
+            "model_final.pth",
+            "metrics.json",
+            "ap_tables.md",
+            "results.json",
+            "last_checkpoint",
+        ):
             self.assertTrue(os.path.isfile(os.path.join(out, name)), name)
         losses = [m["total_loss"] for m in read_metrics(out) if "total_loss" in m]
         self.assertTrue(losses and all(l == l and l < 1e4 for l in losses))
@@ -90,7 +107,8 @@ class TestTrainEvalResume(TrainingTestCase):
 
         ev = self.out("eval")
         proc = run_train_net(
-            ["--eval-only"] + self.data_opts
+            ["--eval-only"]
+            + self.data_opts
             + ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "OUTPUT_DIR", ev]
         )
         self.check(proc)
@@ -105,7 +123,12 @@ class TestTrainEvalResume(TrainingTestCase):
 
     def test_resume_after_kill_restores_iteration_optimizer_and_lr(self):
         straight = self.out("straight")
-        self.check(run_train_net(self.data_opts + ["OUTPUT_DIR", straight, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]))
+        self.check(
+            run_train_net(
+                self.data_opts
+                + ["OUTPUT_DIR", straight, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
+            )
+        )
 
         killed = self.out("killed")
         opts = self.data_opts + ["OUTPUT_DIR", killed, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
@@ -117,7 +140,9 @@ class TestTrainEvalResume(TrainingTestCase):
         resumed = run_train_net(["--resume"] + opts)
         self.check(resumed)
         self.assertIn("Starting training from iteration 4", resumed.stdout + resumed.stderr)
-        final = torch.load(os.path.join(killed, "model_final.pth"), map_location="cpu", weights_only=True)
+        final = torch.load(
+            os.path.join(killed, "model_final.pth"), map_location="cpu", weights_only=True
+        )
         self.assertEqual(final["iteration"], 5)
         optimizer = final["trainer"]["_trainer"]["optimizer"]
         steps = {int(s["step"]) for s in optimizer["state"].values()}
@@ -133,9 +158,22 @@ class TestMultiProcess(TrainingTestCase):
     def test_two_cpu_processes_train_with_syncbn_and_write_a_checkpoint(self):
         out = self.out("ddp")
         proc = run_train_net(
-            ["--num-gpus", "2"] + self.data_opts
-            + ["OUTPUT_DIR", out, "SOLVER.MAX_ITER", 2, "SOLVER.IMS_PER_BATCH", 4,
-               "MODEL.HRNET.NORM", "SyncBN", "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
+            ["--num-gpus", "2"]
+            + self.data_opts
+            + [
+                "OUTPUT_DIR",
+                out,
+                "SOLVER.MAX_ITER",
+                2,
+                "SOLVER.IMS_PER_BATCH",
+                4,
+                "MODEL.HRNET.NORM",
+                "SyncBN",
+                "TEST.EVAL_PERIOD",
+                0,
+                "DATASETS.TEST",
+                "()",
+            ]
         )
         self.check(proc)
         log = proc.stdout + proc.stderr

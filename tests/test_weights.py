@@ -1,4 +1,5 @@
 """ImageNet HRNet weights: conversion, MODEL.WEIGHTS / MODEL.HRNET.PRETRAINED loading, bad files."""
+
 import os
 import pickle
 import tempfile
@@ -23,7 +24,10 @@ def timm_classifier(width):
 
 def timm_features(model, x):
     feats = timm.create_model(
-        model.default_cfg["architecture"], features_only=True, feature_location="", out_indices=(1, 2, 3, 4)
+        model.default_cfg["architecture"],
+        features_only=True,
+        feature_location="",
+        out_indices=(1, 2, 3, 4),
     ).eval()
     feats.load_state_dict(model.state_dict(), strict=False)
     with torch.no_grad():
@@ -73,8 +77,17 @@ class TestHRNetWeights(unittest.TestCase):
     def cfg(self, opts=()):
         # NCHW like timm, so outputs can be compared bit for bit (channels-last: see test_speed.py);
         # no MODEL.WEIGHTS, which would win over MODEL.HRNET.PRETRAINED
-        return get_config(opts=["MODEL.HRNET.NORM", "BN", "MODEL.HRNET.CHANNELS_LAST", False,
-                                "MODEL.WEIGHTS", "", *opts])
+        return get_config(
+            opts=[
+                "MODEL.HRNET.NORM",
+                "BN",
+                "MODEL.HRNET.CHANNELS_LAST",
+                False,
+                "MODEL.WEIGHTS",
+                "",
+                *opts,
+            ]
+        )
 
     def assert_trunk_equals_timm(self, model):
         model.eval()
@@ -112,10 +125,16 @@ class TestHRNetWeights(unittest.TestCase):
         with self.assertRaises(FileNotFoundError) as err:
             SafeCheckpointer(build_model(self.cfg())).resume_or_load(missing, resume=False)
         text = str(err.exception)
-        for part in ("MODEL.WEIGHTS", missing, "python -m cbam_hrnet_d2.convert",
-                     "mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml"):
+        for part in (
+            "MODEL.WEIGHTS",
+            missing,
+            "python -m cbam_hrnet_d2.convert",
+            "mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml",
+        ):
             self.assertIn(part, text)
-        self.assertTrue(os.path.isfile(os.path.join(CONFIGS, "mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml")))
+        self.assertTrue(
+            os.path.isfile(os.path.join(CONFIGS, "mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml"))
+        )
 
     def test_pretrained_key_loads_each_source_format(self):
         for src in (self.timm_pth, self.timm_st, self.official):
@@ -143,7 +162,9 @@ class TestHRNetWeights(unittest.TestCase):
     def test_width_mismatch_names_both_widths(self):
         w32 = self.path("hrnet_w32.pth")
         torch.save(timm_classifier(32).state_dict(), w32)
-        with self.assertRaisesRegex(ValueError, r"HRNet-W32 weights but the config builds HRNet-W18"):
+        with self.assertRaisesRegex(
+            ValueError, r"HRNet-W32 weights but the config builds HRNet-W18"
+        ):
             build_model(self.cfg(["MODEL.HRNET.PRETRAINED", w32]))
         with self.assertRaisesRegex(ValueError, r"hrnet_w32.pth holds HRNet-W32"):
             convert(w32, self.path("x.safetensors"), 18)
