@@ -63,10 +63,11 @@ class CBAMHRNet(Backbone):
             channels_last (bool): keep weights and activations in NHWC memory order (faster convs
                 on CPU; same results).
             fold_bn (bool): in eval mode without autograd, run a copy of the trunk with BatchNorm
-                folded into the convs (:class:`FoldedTrunk`; same results, trained weights untouched).
+                folded into the convs (:class:`FoldedTrunk`; same results, trained weights
+                untouched).
             activation_checkpointing (bool): in training, recompute each stage-2..4 HRNet module in
-                backward instead of keeping its activations (:func:`recompute_hrnet_modules`; needs a
-                norm in :data:`STATELESS_NORMS`).
+                backward instead of keeping its activations (:func:`recompute_hrnet_modules`; needs
+                a norm in :data:`STATELESS_NORMS`).
         """
         super().__init__()
         self.trunk = build_hrnet_trunk(width, in_channels=in_channels, norm=norm)
@@ -167,14 +168,16 @@ def _check_cbam_hrnet_cfg(cfg) -> None:
         raise ValueError(f"MODEL.CBAM.REDUCTION = {reduction!r}; allowed values: integers >= 1")
     if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
         raise ValueError(
-            f"MODEL.CBAM.KERNEL_SIZE = {kernel!r}; allowed values: odd positive integers (3, 5, 7, ...)"
+            f"MODEL.CBAM.KERNEL_SIZE = {kernel!r}; allowed values: odd positive integers (3, 5, "
+            "7, ...)"
         )
 
 
 def _trunk_norm(cfg) -> str:
     norm = cfg.MODEL.HRNET.NORM
     if norm == "SyncBN" and cfg.MODEL.DEVICE == "cpu":
-        # torch's SyncBatchNorm needs CUDA across processes; detectron2's all-reduce version runs on gloo.
+        # torch's SyncBatchNorm needs CUDA across processes; detectron2's all-reduce version runs on
+        # gloo.
         return "naiveSyncBN"
     return norm
 
@@ -184,7 +187,8 @@ def _activation_checkpointing(cfg, norm: str) -> bool:
         return False
     if norm not in STATELESS_NORMS:
         logger.info(
-            "MODEL.HRNET.ACTIVATION_CHECKPOINTING is not applied with MODEL.HRNET.NORM %s: a BatchNorm "
+            "MODEL.HRNET.ACTIVATION_CHECKPOINTING is not applied with MODEL.HRNET.NORM %s: a "
+            "BatchNorm "
             "in training mode would update its statistics twice per step (stateless norms: %s)",
             cfg.MODEL.HRNET.NORM,
             ", ".join(STATELESS_NORMS),

@@ -6,13 +6,14 @@
 
 Per config: parameters; GMAC of backbone+FPN and of the whole model (fvcore); batch-1 eval latency
 (median of N rounds after a warm-up; every round runs every config once, so drift of the machine
-during the run hits all rows alike) of backbone+FPN, of the bare trunk, and of the whole model with the
-proposal and detection counts fixed (1000 fixed boxes through the box head, 100 through the mask
+during the run hits all rows alike) of backbone+FPN, of the bare trunk, and of the whole model with
+the proposal and detection counts fixed (1000 fixed boxes through the box head, 100 through the mask
 head, so that random-init models do the same work); training s/iter (median after --train-warmup
 steps, which page the process's memory in) and peak RSS at --train-batch, in a fresh process each,
 with the RPN's proposals replaced by the same fixed boxes (its losses kept: a random-init RPN
-proposes anything from 0 boxes, as R50 does at 800 px, to its full top-k); achieved GMAC/s of the trunk as a fraction of the fp32 matmul peak measured in the same run. Writes benchmark.md
-and benchmark.json.
+proposes anything from 0 boxes, as R50 does at 800 px, to its full top-k); achieved GMAC/s of the
+trunk as a fraction of the fp32 matmul peak measured in the same run. Writes benchmark.md and
+benchmark.json.
 """
 
 import argparse
@@ -222,14 +223,16 @@ def measure_training(
     proc.join()
     if proc.exitcode != 0 or queue.empty():
         raise RuntimeError(
-            f"training measurement of {config} failed (exit code {proc.exitcode}); see the log above"
+            f"training measurement of {config} failed (exit code {proc.exitcode}); see the log "
+            "above"
         )
     return queue.get()
 
 
 def prepare_inference(config: str, h: int, w: int, opts: Sequence[str] = ()):
-    """Build ``config`` in eval mode with calibrated norm statistics; count its parameters and GMACs.
-    Returns (row, {"backbone_fpn_s" / "trunk_s" / "model_s": callable running that part on one image})."""
+    """Build ``config`` in eval mode with calibrated norm statistics; count its parameters and
+    GMACs. Returns (row, {"backbone_fpn_s" / "trunk_s" / "model_s": callable running that part on
+    one image})."""
     torch.manual_seed(0)
     cfg = load_cfg(config, opts)
     model = build_model(cfg).eval()
@@ -385,7 +388,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     md = (
         f"Size {h}x{w}, {args.threads} threads, fp32 matmul peak {peak:.1f} GMAC/s, large blocks "
         f"{'in the heap' if heap else 'mmap()ed (glibc default)'}, "
-        f"train batch {args.train_batch} ({args.train_iters} timed steps after {args.train_warmup}, "
+        f"train batch {args.train_batch} ({args.train_iters} timed steps after "
+        f"{args.train_warmup}, "
         "MODEL.RPN.POST_NMS_TOPK_TRAIN fixed proposals per image)\n\n"
         + tabulate(table, headers="keys", tablefmt="pipe")
     )

@@ -1,8 +1,8 @@
 """Safe and atomic checkpoint I/O.
 
-* Loading never runs code from a file: ``.safetensors`` through safetensors, ``.pth``/``.pt`` through
-  ``torch.load(weights_only=True)``, and detectron2's pickled ``.pkl`` model-zoo format through a
-  restricted unpickler that only rebuilds numpy arrays and plain containers.
+* Loading never runs code from a file: ``.safetensors`` through safetensors, ``.pth``/``.pt``
+  through ``torch.load(weights_only=True)``, and detectron2's pickled ``.pkl`` model-zoo format
+  through a restricted unpickler that only rebuilds numpy arrays and plain containers.
 * Saving is atomic: a checkpoint is written to a hidden temporary file, flushed to disk and renamed;
   ``last_checkpoint`` is replaced the same way and only after that. A failed write (disk full,
   permission, I/O error) removes its temporary file and names the path and the reason.
@@ -57,7 +57,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in _PICKLE_ALLOWED:
             return super().find_class(module, name)
         raise UnsafeCheckpointError(
-            f"refusing to unpickle {module}.{name}: only numpy arrays and plain containers are allowed"
+            f"refusing to unpickle {module}.{name}: only numpy arrays and plain containers are "
+            "allowed"
         )
 
 
@@ -100,8 +101,10 @@ def load_tensor_file(path: str) -> Dict[str, Any]:
 
 
 MISSING_WEIGHTS_HINT = (
-    "The COCO configs start from ImageNet HRNet weights, as detectron2's R50 configs do: make the file "
-    "with `python -m cbam_hrnet_d2.convert --src <timm or official HRNet ImageNet file> --out <this path> "
+    "The COCO configs start from ImageNet HRNet weights, as detectron2's R50 configs do: make the "
+    "file "
+    "with `python -m cbam_hrnet_d2.convert --src <timm or official HRNet ImageNet file> --out "
+    "<this path> "
     "--width <W>` (README, 'ImageNet-pretrained HRNet weights'), or give the unconverted file as "
     'MODEL.HRNET.PRETRAINED with MODEL.WEIGHTS "", or train from random init with '
     'configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml (MODEL.WEIGHTS "").'
@@ -139,10 +142,10 @@ class SafeCheckpointer(DetectionCheckpointer):
         return super()._load_file(filename)
 
     def save(self, name: str, **kwargs: Any) -> None:
-        """fvcore's ``save`` (model + checkpointables + ``kwargs`` into ``save_dir/<name>.pth``, then
-        ``last_checkpoint``), with both files written atomically (:func:`atomic_write`). A write that
-        fails raises :class:`FileWriteError` naming the file and why, removes its temporary file and
-        leaves the previous checkpoint and ``last_checkpoint`` as they were."""
+        """fvcore's ``save`` (model + checkpointables + ``kwargs`` into ``save_dir/<name>.pth``,
+        then ``last_checkpoint``), with both files written atomically (:func:`atomic_write`). A
+        write that fails raises :class:`FileWriteError` naming the file and why, removes its
+        temporary file and leaves the previous checkpoint and ``last_checkpoint`` as they were."""
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}

@@ -14,20 +14,20 @@ logger = logging.getLogger(__name__)
 
 
 def add_cbam_hrnet_config(cfg: CN) -> None:
-    """
-    Add config keys of the CBAM-HRNet backbone and of this project's training/data options.
-    Call it after ``get_cfg()`` and before ``merge_from_file``. Defaults describe the reference model:
-    HRNet-W18 with CBAM (r=16, k=7) on all four stage-4 branches.
-    """
+    """Add config keys of the CBAM-HRNet backbone and of this project's training/data options. Call
+    it after ``get_cfg()`` and before ``merge_from_file``. Defaults describe the reference model:
+    HRNet-W18 with CBAM (r=16, k=7) on all four stage-4 branches."""
     _C = cfg
 
     _C.MODEL.HRNET = CN()
-    # HRNet width W = channels of the highest-resolution branch. Options: 18, 32, 48 (timm hrnet_w*).
+    # HRNet width W = channels of the highest-resolution branch. Options: 18, 32, 48 (timm
+    # hrnet_w*).
     _C.MODEL.HRNET.WIDTH = 18
     # Norm in the trunk. Options: FrozenBN (detectron2's choice for ImageNet-initialised backbones;
     # needs weights), BN, SyncBN, GN (most groups <= 32 dividing C; SyncBN/GN for training from
     # scratch). SyncBN becomes detectron2's naiveSyncBN on CPU (works across gloo processes). Stages
-    # frozen by MODEL.BACKBONE.FREEZE_AT (1 = stem, 2 = +stage1, ... 5 = all) become FrozenBN anyway.
+    # frozen by MODEL.BACKBONE.FREEZE_AT (1 = stem, 2 = +stage1, ... 5 = all) become FrozenBN
+    # anyway.
     _C.MODEL.HRNET.NORM = "FrozenBN"
     # ImageNet HRNet checkpoint (timm .pth/.safetensors, official HRNet .pth, or a converted file)
     # loaded into the trunk at build time; "" = random init. A set MODEL.WEIGHTS wins over it.
@@ -51,7 +51,8 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     _C.MODEL.CBAM.KERNEL_SIZE = 7
     # With POSITION "branches": which stage-4 branches get a CBAM block; subset of hr2..hr5.
     _C.MODEL.CBAM.BRANCHES = ["hr2", "hr3", "hr4", "hr5"]
-    # Where CBAM sits. Options: "branches" (on HRNet outputs hr2..hr5), "fpn" (one per FPN output p2..p6).
+    # Where CBAM sits. Options: "branches" (on HRNet outputs hr2..hr5), "fpn" (one per FPN output
+    # p2..p6).
     _C.MODEL.CBAM.POSITION = "branches"
 
     # Extra COCO-format datasets to register before building loaders: list of
@@ -81,15 +82,17 @@ def load_config(config_file: str, opts: Sequence[str] = ()):
 
 
 def warn_if_frozen_norms_start_random(cfg) -> bool:
-    """Log a warning (and return True) when an HRNet trunk with FrozenBN norms would train from random
-    init: its frozen statistics then stay mean 0 / variance 1, so nothing normalises the activations."""
+    """Log a warning (and return True) when an HRNet trunk with FrozenBN norms would train from
+    random init: its frozen statistics then stay mean 0 / variance 1, so nothing normalises the
+    activations."""
     backbone = cfg.MODEL.BACKBONE.NAME
     if not backbone.startswith("build_cbam_hrnet") or cfg.MODEL.HRNET.NORM != "FrozenBN":
         return False
     if cfg.MODEL.WEIGHTS or cfg.MODEL.HRNET.PRETRAINED:
         return False
     logger.warning(
-        "MODEL.HRNET.NORM is FrozenBN but neither MODEL.WEIGHTS nor MODEL.HRNET.PRETRAINED is set: the "
+        "MODEL.HRNET.NORM is FrozenBN but neither MODEL.WEIGHTS nor MODEL.HRNET.PRETRAINED is "
+        "set: the "
         "trunk trains from random init without normalisation. Give ImageNet weights, or set "
         "MODEL.HRNET.NORM SyncBN (or GN) and MODEL.BACKBONE.FREEZE_AT 0 "
         "(configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml)."

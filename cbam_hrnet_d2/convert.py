@@ -5,7 +5,8 @@ Reads a timm HRNet checkpoint (``.pth`` or ``.safetensors``: the state dict of
 checkpoint (``hrnetv2_w18_imagenet_pretrained.pth``), drops the classifier and the ``incre`` /
 ``downsamp`` / ``final_layer`` head, and names the trunk tensors as the backbone holds them.
 
-    python -m cbam_hrnet_d2.convert --src hrnet_w18.safetensors --out hrnet_w18_d2.safetensors --width 18
+    python -m cbam_hrnet_d2.convert --src hrnet_w18.safetensors \
+        --out hrnet_w18_d2.safetensors --width 18
 
 The output loads with ``MODEL.WEIGHTS`` (detectron2's checkpointer); the source file itself can be
 given to ``MODEL.HRNET.PRETRAINED``.
@@ -111,7 +112,8 @@ def _summarise(keys: Sequence[str]) -> str:
 
 
 def load_pretrained_trunk(trunk: nn.Module, path: str, width: int) -> None:
-    """Load ImageNet weights from ``path`` into ``trunk`` (MODEL.HRNET.PRETRAINED) and log a report."""
+    """Load ImageNet weights from ``path`` into ``trunk`` (MODEL.HRNET.PRETRAINED) and log a
+    report."""
     matched, missing, unused = match_trunk_state_dict(
         read_hrnet_state_dict(path), trunk, width, path
     )
@@ -160,7 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     setup_logger(name=logger.name)
     report = convert(args.src, args.out, args.width)
     logger.info(
-        "Wrote %s: %d trunk tensors; trunk tensors not in the source: %s; source tensors dropped: %s",
+        "Wrote %s: %d trunk tensors; trunk tensors not in the source: %s; source tensors dropped: "
+        "%s",
         args.out,
         len(report["loaded"]),
         _summarise(report["missing"]),

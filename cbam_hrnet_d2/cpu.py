@@ -1,4 +1,5 @@
-"""Running on CPU: threads per process, glibc keeping large blocks in its heap, and DDP over gloo."""
+"""Running on CPU: threads per process, glibc keeping large blocks in its heap, and DDP over
+gloo."""
 
 import contextlib
 import logging
@@ -37,11 +38,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt() parameters
 def keep_large_allocations_in_heap() -> bool:
     """Make glibc serve every allocation from its heap and never give freed heap back to the OS.
 
-    By default glibc maps each block of 32 MiB or more freshly with mmap() and unmaps it on free, so a
-    training step page-faults its large activations (RoI features, mask-head maps, FPN maps) in again
-    every time: measured on the shapes recipe, a 1x1-conv backward took 216 ms instead of 58 ms and a
-    step 1.06 s instead of 0.85 s. Kept in the heap, freed blocks are reused; the process's RSS then
-    stays at its peak. Process-wide, idempotent; returns False where libc is not glibc."""
+    By default glibc maps each block of 32 MiB or more freshly with mmap() and unmaps it on free, so
+    a training step page-faults its large activations (RoI features, mask-head maps, FPN maps) in
+    again every time: measured on the shapes recipe, a 1x1-conv backward took 216 ms instead of 58
+    ms and a step 1.06 s instead of 0.85 s. Kept in the heap, freed blocks are reused; the process's
+    RSS then stays at its peak. Process-wide, idempotent; returns False where libc is not glibc."""
     c = libc()
     if c is None or not hasattr(c, "mallopt"):
         return False

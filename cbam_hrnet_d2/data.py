@@ -34,10 +34,10 @@ logger = logging.getLogger(__name__)
 
 
 def load_coco_instances(json_file: str, image_root: str, name: str) -> List[dict]:
-    """detectron2's ``load_coco_json`` after :func:`validate_coco_json` (errors name the file and the
-    entry, also when called through ``DatasetCatalog.get``), plus: instances whose segmentation is
-    empty are dropped too (detectron2 keeps them without a mask, which breaks mask training), with one
-    counted warning."""
+    """detectron2's ``load_coco_json`` after :func:`validate_coco_json` (errors name the file and
+    the entry, also when called through ``DatasetCatalog.get``), plus: instances whose segmentation
+    is empty are dropped too (detectron2 keeps them without a mask, which breaks mask training),
+    with one counted warning."""
     validate_coco_json(json_file, image_root)
     try:
         dicts = load_coco_json(json_file, image_root, name)
@@ -57,7 +57,8 @@ def load_coco_instances(json_file: str, image_root: str, name: str) -> List[dict
 
 
 def register_coco_json(name: str, json_file: str, image_root: str) -> None:
-    """Register a COCO-format instance dataset under ``name`` (loader + metadata for COCOEvaluator)."""
+    """Register a COCO-format instance dataset under ``name`` (loader + metadata for
+    COCOEvaluator)."""
     if name in DatasetCatalog.list():
         meta = MetadataCatalog.get(name)
         if (
@@ -100,7 +101,8 @@ def register_from_cfg(cfg) -> None:
     for i, entry in enumerate(cfg.DATASETS.REGISTER_COCO):
         if len(entry) != 3:
             raise ValueError(
-                f"DATASETS.REGISTER_COCO[{i}] = {entry!r}; each entry must be [name, json_file, image_root]"
+                f"DATASETS.REGISTER_COCO[{i}] = {entry!r}; each entry must be [name, json_file, "
+                "image_root]"
             )
         register_coco_json(*entry)
 
@@ -126,7 +128,8 @@ def check_datasets(cfg) -> None:
             if path is not None and not os.path.exists(path):
                 raise FileNotFoundError(
                     f"Dataset {name!r}: {what} {path} does not exist. Datasets are looked up under "
-                    f"$DETECTRON2_DATASETS (now {os.getenv('DETECTRON2_DATASETS', 'datasets')!r}); for "
+                    "$DETECTRON2_DATASETS (now "
+                    f"{os.getenv('DETECTRON2_DATASETS', 'datasets')!r}); for "
                     "COCO 2017 place coco/annotations/instances_{train,val}2017.json and "
                     "coco/{train,val}2017/ there (see datasets/README.md), for the shapes set run "
                     "`python -m cbam_hrnet_d2.data`, for other data fix DATASETS.REGISTER_COCO."
@@ -150,8 +153,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--check",
         nargs="+",
         metavar="NAME",
-        help="check these registered datasets: every image decodes, its size matches the json, every "
-        "box and mask is valid (shapes_*, coco_2017_*, or names of --config-file's DATASETS.REGISTER_COCO)",
+        help="check these registered datasets: every image decodes, its size matches the json, "
+        "every box and mask is valid (shapes_*, coco_2017_*, or names of --config-file's "
+        "DATASETS.REGISTER_COCO)",
     )
     parser.add_argument(
         "--config-file", default=None, help="with --check: register its DATASETS.REGISTER_COCO"

@@ -21,8 +21,9 @@ __all__ = ["validate_coco_json", "mask_kinds", "check_dataset", "IMAGE_ERRORS"]
 
 logger = logging.getLogger(__name__)
 
-# What decoding a broken image file raises: PIL's OSError ("image file is truncated", "cannot identify
-# image file" for zero bytes), SyntaxError ("broken PNG file"), zlib / EOF errors; a missing file.
+# What decoding a broken image file raises: PIL's OSError ("image file is truncated", "cannot
+# identify image file" for zero bytes), SyntaxError ("broken PNG file"), zlib / EOF errors; a
+# missing file.
 IMAGE_ERRORS = (OSError, SyntaxError, EOFError, ValueError)
 
 # (json path, mtime, size) of files validated in this process: a dataset's loader does not parse a
@@ -63,7 +64,8 @@ def _segmentation_problem(ann: dict, img: dict) -> str:
         return f"RLE segmentation needs 'size' and 'counts' (has {sorted(segm)})"
     size = list(segm["size"])
     if size != [img.get("height"), img.get("width")]:
-        return f"RLE size {size} differs from its image's [height, width] {[img.get('height'), img.get('width')]}"
+        hw = [img.get("height"), img.get("width")]
+        return f"RLE size {size} differs from its image's [height, width] {hw}"
     return ""
 
 
@@ -87,8 +89,8 @@ def validate_coco_json(json_file: str, image_root: str) -> Dict[str, int]:
     instances file, an annotation whose category id is not in ``categories``, an annotation of an
     unknown image, a malformed segmentation (an RLE whose size is not its image's), an image without
     height/width; FileNotFoundError for an image file that does not exist. ``info`` and ``licenses``
-    are optional. (Degenerate polygons are dropped by detectron2's loader with one warning that counts
-    them; image sizes are checked against the files when images are read.)
+    are optional. (Degenerate polygons are dropped by detectron2's loader with one warning that
+    counts them; image sizes are checked against the files when images are read.)
 
     Returns:
         dict: :func:`mask_kinds` of the file.
@@ -116,12 +118,14 @@ def validate_coco_json(json_file: str, image_root: str) -> Dict[str, int]:
     for ann in data["annotations"]:
         if ann.get("category_id") not in cat_ids:
             raise ValueError(
-                f"{json_file}: annotation id {ann.get('id')} has category_id {ann.get('category_id')}, "
+                f"{json_file}: annotation id {ann.get('id')} has category_id "
+                f"{ann.get('category_id')}, "
                 f"which is not in 'categories' (ids {sorted(cat_ids)})"
             )
         if ann.get("image_id") not in images:
             raise ValueError(
-                f"{json_file}: annotation id {ann.get('id')} names unknown image_id {ann.get('image_id')}"
+                f"{json_file}: annotation id {ann.get('id')} names unknown image_id "
+                f"{ann.get('image_id')}"
             )
         problem = _segmentation_problem(ann, images[ann["image_id"]])
         if problem:
@@ -162,7 +166,8 @@ def check_dataset(name: str) -> List[str]:
     json_file, image_root = getattr(meta, "json_file", None), getattr(meta, "image_root", None)
     if not json_file:
         raise ValueError(
-            f"Dataset {name!r} has no json_file in its metadata: only COCO-json datasets can be checked"
+            f"Dataset {name!r} has no json_file in its metadata: only COCO-json datasets can be "
+            "checked"
         )
     problems: List[str] = []
     try:
@@ -179,7 +184,8 @@ def check_dataset(name: str) -> List[str]:
             pixels = read_image(path, format="BGR")
             if pixels.shape[:2] != (img.get("height"), img.get("width")):
                 problems.append(
-                    f"{path}: decoded size {pixels.shape[1]}x{pixels.shape[0]} (WxH) differs from the json's "
+                    f"{path}: decoded size {pixels.shape[1]}x{pixels.shape[0]} (WxH) differs from "
+                    "the json's "
                     f"{img.get('width')}x{img.get('height')} (image id {img['id']})"
                 )
         except IMAGE_ERRORS as e:

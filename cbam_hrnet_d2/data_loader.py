@@ -1,16 +1,17 @@
-"""Training and test data loaders: detectron2's, with a mask format chosen for the data and bad images
-named (and, in training, skipped).
+"""Training and test data loaders: detectron2's, with a mask format chosen for the data and bad
+images named (and, in training, skipped).
 
 * **Mask format.** detectron2 trains polygon masks by default (``INPUT.MASK_FORMAT "polygon"``) and
-  fails at the first batch on RLE masks (what mask-based labelling tools export). When a training set
-  holds RLE masks (crowd regions aside), the loader uses ``"bitmask"`` for it, which reads polygons
-  and RLE alike, and logs that it did.
-* **Bad images.** An image that does not decode (truncated, zero bytes, unreadable, missing) or whose
-  size differs from its json entry is, in training, skipped with a warning naming its dataset and
-  path; detectron2 then draws another image in its place. Each one is appended to
+  fails at the first batch on RLE masks (what mask-based labelling tools export). When a training
+  set holds RLE masks (crowd regions aside), the loader uses ``"bitmask"`` for it, which reads
+  polygons and RLE alike, and logs that it did.
+* **Bad images.** An image that does not decode (truncated, zero bytes, unreadable, missing) or
+  whose size differs from its json entry is, in training, skipped with a warning naming its dataset
+  and path; detectron2 then draws another image in its place. Each one is appended to
   ``OUTPUT_DIR/bad_images.tsv`` and :class:`BadImageCounter` puts their number into metrics.json
   (``data/bad_images``). In evaluation a bad image stops the run with the same message (skipping it
-  would change the AP). ``python -m cbam_hrnet_d2.data --check NAME`` finds them all before training.
+  would change the AP). ``python -m cbam_hrnet_d2.data --check NAME`` finds them all before
+  training.
 * **Signals in workers.** Data-loader workers turn SIGTERM into the clean exit PyTorch gives them on
   SIGINT, so a preemption signal sent to the whole process group stops them without a crash report
   while the trainer saves its checkpoint (:mod:`cbam_hrnet_d2.preemption`).
@@ -64,9 +65,9 @@ _worker_signals_set = False
 
 
 def _workers_exit_cleanly_on_sigterm() -> None:
-    """In a data-loader worker: SIGTERM and SIGINT raise KeyboardInterrupt, which PyTorch's worker loop
-    turns into a clean exit, instead of killing the worker (and with it the trainer's next fetch) or
-    running the trainer's preemption handler that a forked worker inherits."""
+    """In a data-loader worker: SIGTERM and SIGINT raise KeyboardInterrupt, which PyTorch's worker
+    loop turns into a clean exit, instead of killing the worker (and with it the trainer's next
+    fetch) or running the trainer's preemption handler that a forked worker inherits."""
     global _worker_signals_set
     if not _worker_signals_set and torch.utils.data.get_worker_info() is not None:
         signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -75,9 +76,9 @@ def _workers_exit_cleanly_on_sigterm() -> None:
 
 
 class RobustDatasetMapper(DatasetMapper):
-    """detectron2's :class:`DatasetMapper`; an image that cannot be used raises :class:`BadImageError`
-    naming its dataset and path, or, with ``skip_bad_images``, is logged, recorded and skipped
-    (``None``: detectron2's dataset then maps another image)."""
+    """detectron2's :class:`DatasetMapper`; an image that cannot be used raises
+    :class:`BadImageError` naming its dataset and path, or, with ``skip_bad_images``, is logged,
+    recorded and skipped (``None``: detectron2's dataset then maps another image)."""
 
     def __init__(
         self,
@@ -130,7 +131,8 @@ def choose_mask_format(cfg, dataset_dicts: List[dict]):
         return cfg
     logger.warning(
         "%s: %d instance masks are RLE, which INPUT.MASK_FORMAT 'polygon' cannot train on; using "
-        "INPUT.MASK_FORMAT 'bitmask' (reads polygons and RLE). Set it in the config to silence this.",
+        "INPUT.MASK_FORMAT 'bitmask' (reads polygons and RLE). Set it in the config to silence "
+        "this.",
         "/".join(cfg.DATASETS.TRAIN),
         rle,
     )
@@ -142,8 +144,9 @@ def choose_mask_format(cfg, dataset_dicts: List[dict]):
 
 
 def build_train_loader(cfg):
-    """detectron2's training loader over ``cfg.DATASETS.TRAIN`` with :func:`choose_mask_format` and a
-    :class:`RobustDatasetMapper` that skips bad images (recorded in ``OUTPUT_DIR/bad_images.tsv``)."""
+    """detectron2's training loader over ``cfg.DATASETS.TRAIN`` with :func:`choose_mask_format` and
+    a :class:`RobustDatasetMapper` that skips bad images (recorded in
+    ``OUTPUT_DIR/bad_images.tsv``)."""
     dicts = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN,
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,

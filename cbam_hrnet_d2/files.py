@@ -14,12 +14,13 @@ __all__ = ["atomic_write", "atomic_write_text", "FileWriteError"]
 
 
 class FileWriteError(OSError):
-    """Writing ``path`` failed; its previous content (if any) is intact and no temporary file remains."""
+    """Writing ``path`` failed; its previous content (if any) is intact and no temporary file
+    remains."""
 
 
 def _root_os_error(exc: BaseException):
-    """The first OSError in ``exc``'s chain: torch.save reports a full disk as a RuntimeError of its zip
-    writer raised while handling the OSError of the write."""
+    """The first OSError in ``exc``'s chain: torch.save reports a full disk as a RuntimeError of its
+    zip writer raised while handling the OSError of the write."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, OSError):
@@ -42,8 +43,8 @@ def _why(exc: BaseException, directory: str) -> str:
 
 
 def atomic_write(path: str, write: Callable[[IO[bytes]], None], *, fsync: bool = True) -> None:
-    """Call ``write(f)`` on a hidden temporary file in the directory of ``path``, flush it to disk and
-    rename it to ``path``.
+    """Call ``write(f)`` on a hidden temporary file in the directory of ``path``, flush it to disk
+    and rename it to ``path``.
 
     Raises:
         FileWriteError: naming ``path`` and the reason; the temporary file is removed.
@@ -64,7 +65,8 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None], *, fsync: bool =
             pass
         raise FileWriteError(
             getattr(_root_os_error(e), "errno", None) or errno.EIO,
-            f"could not write {path}: {_why(e, directory)}. The temporary file was removed; what was "
+            f"could not write {path}: {_why(e, directory)}. The temporary file was removed; what "
+            "was "
             f"in {path} before (if anything) is unchanged.",
         ) from e
 

@@ -36,8 +36,8 @@ HRNET_STRIDES: Tuple[int, ...] = (4, 8, 16, 32)
 # MODEL.HRNET.WIDTH -> timm architecture name (its cfg_cls entry is the width table).
 HRNET_WIDTHS: Dict[int, str] = {18: "hrnet_w18", 32: "hrnet_w32", 48: "hrnet_w48"}
 HRNET_NORMS: Tuple[str, ...] = ("BN", "SyncBN", "FrozenBN", "GN")
-# Norms whose training-mode forward changes no state, so running a module's forward twice (activation
-# checkpointing) gives the same result and leaves the model as one forward would.
+# Norms whose training-mode forward changes no state, so running a module's forward twice
+# (activation checkpointing) gives the same result and leaves the model as one forward would.
 STATELESS_NORMS: Tuple[str, ...] = ("FrozenBN", "GN")
 # Module groups of the timm trunk in forward order; MODEL.BACKBONE.FREEZE_AT=k freezes the first k.
 HRNET_STAGES: Tuple[Tuple[str, ...], ...] = (
@@ -63,7 +63,8 @@ def hrnet_branch_channels(width: int) -> List[int]:
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
-    # HRNet branch widths (18, 36, ...) are not multiples of 32: use the most groups <= 32 that divide C.
+    # HRNet branch widths (18, 36, ...) are not multiples of 32: use the most groups <= 32 that
+    # divide C.
     groups = max(g for g in range(1, 33) if channels % g == 0)
     return nn.GroupNorm(groups, channels)
 
@@ -75,7 +76,8 @@ def _make_norm(norm: str, channels: int) -> nn.Module:
 
 
 def _replace_batchnorm(module: nn.Module, norm: str) -> None:
-    """Replace every nn.BatchNorm2d below ``module`` by ``norm`` (detectron2 name or naiveSyncBN)."""
+    """Replace every nn.BatchNorm2d below ``module`` by ``norm`` (detectron2 name or
+    naiveSyncBN)."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
             setattr(module, name, _make_norm(norm, child.num_features))
@@ -151,7 +153,8 @@ def recompute_hrnet_modules(trunk: nn.Module) -> int:
         if stateful:
             raise ValueError(
                 f"activation checkpointing needs stateless norms ({', '.join(STATELESS_NORMS)}); "
-                f"{name}.{stateful[0]} is a {type(module.get_submodule(stateful[0])).__name__}: set "
+                f"{name}.{stateful[0]} is a {type(module.get_submodule(stateful[0])).__name__}: "
+                "set "
                 "MODEL.HRNET.ACTIVATION_CHECKPOINTING False or MODEL.HRNET.NORM to FrozenBN or GN"
             )
         module.__class__ = _RecomputedHRModule

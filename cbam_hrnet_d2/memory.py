@@ -1,5 +1,5 @@
-"""Memory readings: resident memory (now, with data-loader workers, and peak) and glibc's heap, and the
-:class:`MemoryMonitor` hook that puts them into metrics.json."""
+"""Memory readings: resident memory (now, with data-loader workers, and peak) and glibc's heap, and
+the :class:`MemoryMonitor` hook that puts them into metrics.json."""
 
 import ctypes
 import functools
@@ -95,8 +95,9 @@ def rss_mib() -> Dict[str, float]:
 
 
 class MemoryMonitor(HookBase):
-    """Every ``period`` iterations put the RSS of the trainer (and with its data-loader workers) into
-    the event storage (metrics.json); log it at the start and end of training, with the peak."""
+    """Every ``period`` iterations put the RSS of the trainer (and with its data-loader workers)
+    into the event storage (metrics.json); log it at the start and end of training, with the
+    peak."""
 
     def __init__(self, period: int = 20):
         self._period = period

@@ -2,8 +2,8 @@
 
 Schedulers send SIGTERM before they preempt a job (Ctrl-C sends SIGINT). During training the
 :class:`Preemption` hook lets the current step finish, then every process agrees to stop after it,
-the main process writes ``model_<iteration>.pth`` atomically and updates ``last_checkpoint``, and the
-run exits with ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT) after one log line that
+the main process writes ``model_<iteration>.pth`` atomically and updates ``last_checkpoint``, and
+the run exits with ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT) after one log line that
 says where the checkpoint is and how to resume. ``--resume`` continues from the next iteration
 (exactly, with ``DATALOADER.EXACT_RESUME``).
 
@@ -34,8 +34,8 @@ _received: Optional[int] = None  # the first stop signal this process received d
 
 
 class TrainingStopped(SystemExit):
-    """Raised (through detectron2's train loop, which lets it pass) once the preemption checkpoint is
-    written; exits the process with ``128 + signal``."""
+    """Raised (through detectron2's train loop, which lets it pass) once the preemption checkpoint
+    is written; exits the process with ``128 + signal``."""
 
 
 def _on_signal(signum, _frame) -> None:
@@ -50,9 +50,9 @@ def _on_signal(signum, _frame) -> None:
 
 
 def stop_requested(trainer) -> bool:
-    """Whether any process received a stop signal before the end of this iteration. A collective with
-    several processes: every process calls it at the same point of an iteration; the answer is cached
-    per iteration, so later calls in the same iteration agree with the first."""
+    """Whether any process received a stop signal before the end of this iteration. A collective
+    with several processes: every process calls it at the same point of an iteration; the answer is
+    cached per iteration, so later calls in the same iteration agree with the first."""
     cached = getattr(trainer, "_stop_agreed", None)
     if cached is not None and cached[0] == trainer.iter:
         return cached[1]
@@ -106,7 +106,8 @@ class Preemption(HookBase):
         if comm.is_main_process():
             by = signal.Signals(signum).name if _received else "a signal to another process"
             self._message = (
-                f"Stopped by {by} after iteration {it}: checkpoint {path} (last_checkpoint updated). "
+                f"Stopped by {by} after iteration {it}: checkpoint {path} (last_checkpoint "
+                "updated). "
                 f"Resume with: {_resume_command()}"
             )
         raise TrainingStopped(code)

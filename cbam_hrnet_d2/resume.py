@@ -77,8 +77,8 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
 
 
 class ResumableLoader:
-    """Wraps a training data loader; :meth:`fast_forward` starts its iterator and consumes ``n`` batches,
-    and the trainer's first ``iter()`` then continues that iterator."""
+    """Wraps a training data loader; :meth:`fast_forward` starts its iterator and consumes ``n``
+    batches, and the trainer's first ``iter()`` then continues that iterator."""
 
     def __init__(self, loader: Iterable):
         self.loader = loader
@@ -180,7 +180,8 @@ class ExactResume(HookBase):
         self._loader.fast_forward(start)
         restore_rng_state(ranks[comm.get_rank()])
         logger.info(
-            "Exact resume: data stream and RNG states of process %d are where iteration %d left them",
+            "Exact resume: data stream and RNG states of process %d are where iteration %d left "
+            "them",
             comm.get_rank(),
             start - 1,
         )

@@ -5,10 +5,11 @@ torchvision's CPU ``roi_align`` (and its backward) runs on one thread, one chann
 800x1216 it takes ~0.4 s of a 1.7 s Mask R-CNN inference on 2 cores, and ~0.25 s of a shapes-recipe
 training step. RoIAlign is linear in the features: every output bin is a weighted sum of feature
 pixels (bilinear corners of its sampling points, averaged). :class:`SparseROIAlign` builds those
-weights as a CSR matrix ``A`` (bins x pixels) and computes ``A @ F`` with ``F`` the features viewed as
-(pixels x channels) — a free view of a channels-last tensor — so forward and backward (``A^T @ grad``)
-are multi-threaded sparse products. Same sampling grid, clamping and averaging as torchvision's kernel
-(``aligned`` and adaptive ``sampling_ratio`` 0 included); tests/test_roi_align.py checks equality.
+weights as a CSR matrix ``A`` (bins x pixels) and computes ``A @ F`` with ``F`` the features viewed
+as (pixels x channels) — a free view of a channels-last tensor — so forward and backward (``A^T @
+grad``) are multi-threaded sparse products. Same sampling grid, clamping and averaging as
+torchvision's kernel (``aligned`` and adaptive ``sampling_ratio`` 0 included);
+tests/test_roi_align.py checks equality.
 
 On CUDA, or for inputs other than float32/float64, it falls back to detectron2's ``ROIAlign``.
 :class:`SparseROIAlignROIHeads` (``MODEL.ROI_HEADS.NAME``) is detectron2's ``StandardROIHeads`` with
@@ -30,8 +31,8 @@ def _axis_samples(
     start: torch.Tensor, size: torch.Tensor, bins: int, grid: torch.Tensor, length: int
 ):
     """Sampling along one axis, as torchvision's kernel does it. For each RoI r, bin b and sample i
-    (of ``grid[r]``, padded to the largest grid), the low/high pixel index and their weights; samples
-    outside the map or past ``grid[r]`` get weight 0."""
+    (of ``grid[r]``, padded to the largest grid), the low/high pixel index and their weights;
+    samples outside the map or past ``grid[r]`` get weight 0."""
     g = max(int(grid.max()), 1) if grid.numel() else 1
     i = torch.arange(g, dtype=start.dtype, device=start.device)
     b = torch.arange(bins, dtype=start.dtype, device=start.device)
@@ -136,8 +137,8 @@ class SparseROIAlign(ROIAlign):
                 input.dtype,
             )
         pixels = input.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when channels-last
-        # one path with and without autograd (grad of pixels = A^T @ grad); sparse.mm, not `@`: fvcore
-        # traces `@` as aten::matmul and fails on the sparse operand while counting GMACs
+        # one path with and without autograd (grad of pixels = A^T @ grad); sparse.mm, not `@`:
+        # fvcore traces `@` as aten::matmul and fails on the sparse operand while counting GMACs
         out = torch.sparse.mm(a, pixels)
         return out.view(rois.shape[0], ph, pw, c).permute(0, 3, 1, 2)
 
@@ -160,10 +161,11 @@ def use_sparse_roi_align(module: nn.Module) -> nn.Module:
 
 @ROI_HEADS_REGISTRY.register()
 class SparseROIAlignROIHeads(StandardROIHeads):
-    """detectron2's ``StandardROIHeads`` for the CPU, same outputs: its box/mask/keypoint poolers use
-    :class:`SparseROIAlign` (pooler types ROIAlign and ROIAlignV2), and its conv heads keep their
-    weights channels-last like the pooled features, so every conv runs channels-last (on 2 cores the
-    backward of the 1x1 mask predictor over ~200 RoIs took 124 ms in the mixed layout, a few ms after)."""
+    """detectron2's ``StandardROIHeads`` for the CPU, same outputs: its box/mask/keypoint poolers
+    use :class:`SparseROIAlign` (pooler types ROIAlign and ROIAlignV2), and its conv heads keep
+    their weights channels-last like the pooled features, so every conv runs channels-last (on 2
+    cores the backward of the 1x1 mask predictor over ~200 RoIs took 124 ms in the mixed layout, a
+    few ms after)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

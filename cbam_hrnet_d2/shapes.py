@@ -1,9 +1,8 @@
 """The embedded synthetic ``shapes`` instance-segmentation set: drawing and writing it.
 
-``shapes_train`` / ``shapes_val`` live under ``$DETECTRON2_DATASETS/shapes/`` (default ``datasets/``)
-as PNG images + COCO json with polygon masks, and are generated on first use (or by
-``python -m cbam_hrnet_d2.data --out DIR``). Generation is deterministic: same seed, same files.
-"""
+``shapes_train`` / ``shapes_val`` live under ``$DETECTRON2_DATASETS/shapes/`` (default
+``datasets/``) as PNG images + COCO json with polygon masks, and are generated on first use (or by
+``python -m cbam_hrnet_d2.data --out DIR``). Generation is deterministic: same seed, same files."""
 
 import json
 import logging

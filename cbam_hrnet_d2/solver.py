@@ -1,4 +1,5 @@
-"""Optimizer choice (``SOLVER.OPTIMIZER``): detectron2's SGD, or AdamW with the same parameter groups."""
+"""Optimizer choice (``SOLVER.OPTIMIZER``): detectron2's SGD, or AdamW with the same parameter
+groups."""
 
 import torch
 from detectron2.solver import build_optimizer as build_sgd_optimizer

@@ -95,7 +95,8 @@ def read_image_any(path: str) -> np.ndarray:
 
 
 def write_image_atomic(path: str, image: np.ndarray) -> None:
-    """Encode ``image`` in the format of ``path``'s extension (PNG without one) and write it atomically."""
+    """Encode ``image`` in the format of ``path``'s extension (PNG without one) and write it
+    atomically."""
     ok, encoded = cv2.imencode(os.path.splitext(path)[1] or ".png", image)
     if not ok:
         raise OSError(f"could not encode {path}")

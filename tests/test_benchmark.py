@@ -110,7 +110,8 @@ class TestInterleavedTiming(unittest.TestCase):
             for c in ("x", "y")
         }
         seconds = time_interleaved(timed, iters=3)
-        # a warm-up round, then 3 rounds, each config's first callable once untimed before its timed calls
+        # a warm-up round, then 3 rounds, each config's first callable once untimed before its timed
+        # calls
         self.assertEqual(calls, ["xa", "xb", "ya", "yb"] + ["xa", "xa", "xb", "ya", "ya", "yb"] * 3)
         self.assertEqual(set(seconds), {"x", "y"})
         self.assertTrue(

@@ -1,4 +1,5 @@
-"""Every runnable YAML loads, builds a GeneralizedRCNN on CPU, trains one step and predicts masks."""
+"""Every runnable YAML loads, builds a GeneralizedRCNN on CPU, trains one step and predicts
+masks."""
 
 import os
 import unittest

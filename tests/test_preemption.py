@@ -20,7 +20,10 @@ from cbam_hrnet_d2.checkpoint import FileWriteError, SafeCheckpointer, load_tens
 
 from .test_training import TrainingTestCase, run_train_net
 
-STOP_LINE = r"Stopped by {sig} after iteration (\d+): checkpoint (\S+) \(last_checkpoint updated\)\. Resume with: .*--resume"
+STOP_LINE = (
+    r"Stopped by {sig} after iteration (\d+): checkpoint (\S+) \(last_checkpoint updated\)\. "
+    r"Resume with: .*--resume"
+)
 
 
 def wait_for_training(log_path, proc, timeout=300):
@@ -40,7 +43,8 @@ def final_weights(out):
 
 class PreemptionCase(TrainingTestCase):
     def preempt(self, opts, out, sig=signal.SIGTERM, after_s=2.0, extra=()):
-        """Start training, send ``sig`` ``after_s`` seconds into the loop; return (returncode, log)."""
+        """Start training, send ``sig`` ``after_s`` seconds into the loop; return (returncode,
+        log)."""
         os.makedirs(out, exist_ok=True)
         log_path = os.path.join(out, "stdout.log")
         proc = run_train_net(list(extra) + opts + ["OUTPUT_DIR", out], wait=False, log=log_path)
@@ -121,7 +125,7 @@ class TestPreemptionOneProcess(PreemptionCase):
 
 
 class TestPreemptionTwoProcesses(PreemptionCase):
-    def test_sigterm_to_the_launcher_stops_both_with_one_checkpoint_and_resume_is_exact_on_every_rank(
+    def test_sigterm_to_launcher_stops_both_with_one_checkpoint_and_exact_resume_on_every_rank(
         self,
     ):
         common = self.data_opts + [
@@ -253,7 +257,8 @@ class TestFullDisk(TrainingTestCase):
         # one checkpoint of the instant-test model is ~150 MB: room for one, not two
         if not _mount_tmpfs(out, "230m"):
             self.skipTest(
-                "needs root to mount a small tmpfs (TestFailedCheckpointWrite injects the fault instead)"
+                "needs root to mount a small tmpfs (TestFailedCheckpointWrite injects the fault "
+                "instead)"
             )
         self.addCleanup(subprocess.run, ["umount", "-l", out], capture_output=True)
         proc = run_train_net(

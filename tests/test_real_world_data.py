@@ -181,7 +181,8 @@ class TestBadImages(TrainingTestCase):
         open(cls.empty, "wb").close()
         cls.bad_opts = [
             "DATASETS.REGISTER_COCO",
-            f"[['bad_train', '{cls.bad_train_json}', '{root}/train'], ['bad_val', '{cls.bad_train_json}', '{root}/train']]",
+            f"[['bad_train', '{cls.bad_train_json}', '{root}/train'], ['bad_val', "
+            f"'{cls.bad_train_json}', '{root}/train']]",
             "DATASETS.TRAIN",
             "('bad_train',)",
         ]
@@ -192,7 +193,8 @@ class TestBadImages(TrainingTestCase):
         self.check(proc)
         log = proc.stdout + proc.stderr
         self.assertIn(
-            f"Dataset 'bad_train': skipping image {self.truncated} (OSError: image file is truncated",
+            f"Dataset 'bad_train': skipping image {self.truncated} (OSError: image file is "
+            "truncated",
             log,
         )
         self.assertIn(

@@ -54,7 +54,8 @@ class TrainingTestCase(unittest.TestCase):
         val_json = generate_shapes(root, "val", 4, seed=12)
         cls.data_opts = [
             "DATASETS.REGISTER_COCO",
-            f"[['tiny_train', '{train_json}', '{root}/train'], ['tiny_val', '{val_json}', '{root}/val']]",
+            f"[['tiny_train', '{train_json}', '{root}/train'], ['tiny_val', '{val_json}', "
+            f"'{root}/val']]",
             "DATASETS.TRAIN",
             "('tiny_train',)",
             "DATASETS.TEST",
@@ -100,7 +101,7 @@ class TestTrainEvalResume(TrainingTestCase):
         ):
             self.assertTrue(os.path.isfile(os.path.join(out, name)), name)
         losses = [m["total_loss"] for m in read_metrics(out) if "total_loss" in m]
-        self.assertTrue(losses and all(l == l and l < 1e4 for l in losses))
+        self.assertTrue(losses and all(x == x and x < 1e4 for x in losses))
         with open(os.path.join(out, "results.json")) as f:
             trained = json.load(f)["tiny_val"]
         self.assertEqual(set(trained), {"bbox", "segm"})
@@ -180,7 +181,7 @@ class TestMultiProcess(TrainingTestCase):
         self.assertIn("2 process(es) on this machine", log)
         self.assertTrue(os.path.isfile(os.path.join(out, "model_final.pth")))
         losses = [m["total_loss"] for m in read_metrics(out) if "total_loss" in m]
-        self.assertTrue(losses and all(torch.isfinite(torch.tensor(l)) for l in losses))
+        self.assertTrue(losses and all(torch.isfinite(torch.tensor(x)) for x in losses))
 
 
 class TestErrors(unittest.TestCase):

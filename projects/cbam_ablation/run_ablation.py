@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Run the CBAM ablation and write its table (Markdown + JSON) from the runs' files:
 
-    python projects/cbam_ablation/run_ablation.py                 # all rows, seeds 1 2 (~80 min, 2-core CPU)
-    python projects/cbam_ablation/run_ablation.py --report-only   # rebuild the table from finished runs
+    # all rows, seeds 1 2 (~80 min, 2-core CPU)
+    python projects/cbam_ablation/run_ablation.py
+    # rebuild the table from finished runs
+    python projects/cbam_ablation/run_ablation.py --report-only
 
 Each (row, seed) trains with ``train_net.py`` into ``--out/ROW/seedN`` and is skipped when its
 ``results.json`` exists, so an interrupted sweep continues where it stopped. Inference ms/image is
