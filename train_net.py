@@ -107,7 +107,7 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
-    set_cpu_threads(cfg)
+    set_cpu_threads(cfg.MODEL.DEVICE)
     register_from_cfg(cfg)
     check_datasets(cfg)
 

@@ -19,14 +19,18 @@ from .hrnet import (
     HRNET_STAGES,
     HRNET_STRIDES,
     HRNET_WIDTHS,
-    STATELESS_NORMS,
     build_hrnet_trunk,
     freeze_hrnet_stages,
-    hrnet_branch_channels,
     recompute_hrnet_modules,
 )
 
-__all__ = ["CBAMHRNet", "CBAMFPN", "build_cbam_hrnet_backbone", "build_cbam_hrnet_fpn_backbone"]
+__all__ = [
+    "CBAMHRNet",
+    "CBAMFPN",
+    "hrnet_fpn",
+    "build_cbam_hrnet_backbone",
+    "build_cbam_hrnet_fpn_backbone",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,16 +70,17 @@ class CBAMHRNet(Backbone):
                 folded into the convs (:class:`FoldedTrunk`; same results, trained weights
                 untouched).
             activation_checkpointing (bool): in training, recompute each stage-2..4 HRNet module in
-                backward instead of keeping its activations (:func:`recompute_hrnet_modules`; needs
-                a norm in :data:`STATELESS_NORMS`).
+                backward instead of keeping its activations (:func:`recompute_hrnet_modules`;
+                modules with a BatchNorm that is not frozen are left out, with one log line).
         """
         super().__init__()
+        _check_trunk_args(width, norm, cbam_branches, cbam_reduction, cbam_kernel_size, freeze_at)
         self.trunk = build_hrnet_trunk(width, in_channels=in_channels, norm=norm)
-        if activation_checkpointing:
-            recompute_hrnet_modules(self.trunk)
-        channels = hrnet_branch_channels(width)
+        # names and strides are ours (hr2..hr5 at 4..32); channels and strides as timm reports them
+        info = self.trunk.feature_info
+        assert tuple(info.reduction()) == HRNET_STRIDES, info.reduction()
         self._out_features = list(HRNET_FEATURES)
-        self._out_feature_channels = dict(zip(HRNET_FEATURES, channels))
+        self._out_feature_channels = dict(zip(HRNET_FEATURES, info.channels()))
         self._out_feature_strides = dict(zip(HRNET_FEATURES, HRNET_STRIDES))
         self.cbam = nn.ModuleDict(
             {
@@ -84,6 +89,16 @@ class CBAMHRNet(Backbone):
             }
         )
         self.freeze(freeze_at)
+        if activation_checkpointing:
+            _, skipped = recompute_hrnet_modules(self.trunk)
+            if skipped:
+                logger.info(
+                    "Activation checkpointing is not applied to %d HRNet module(s) with BatchNorm "
+                    "(%s, ...): a BatchNorm in training mode would update its statistics twice per "
+                    "step (MODEL.HRNET.NORM FrozenBN or GN, or freeze those stages, to apply it)",
+                    len(skipped),
+                    skipped[0],
+                )
         self.channels_last = channels_last
         self._folded = FoldedTrunk() if fold_bn else None
         if channels_last:
@@ -145,9 +160,60 @@ class CBAMFPN(FPN):
         return {name: self.cbam[name](f) for name, f in super().forward(x).items()}
 
 
+def hrnet_fpn(
+    *,
+    bottom_up: CBAMHRNet,
+    cbam_on_outputs: bool = False,
+    cbam_reduction: int = 16,
+    cbam_kernel_size: int = 7,
+    **fpn_kwargs,
+) -> FPN:
+    """detectron2's :class:`FPN` over a :class:`CBAMHRNet` (or :class:`CBAMFPN` with
+    ``cbam_on_outputs``), channels-last like its bottom-up network. Used by
+    :func:`build_cbam_hrnet_fpn_backbone` and the LazyConfig files (``configs/lazy``).
+
+    Args:
+        bottom_up (CBAMHRNet): the trunk.
+        cbam_on_outputs (bool): one CBAM block on each FPN output (p2..p6).
+        cbam_reduction, cbam_kernel_size: as in :class:`CBAM`.
+        fpn_kwargs: the other arguments of :class:`FPN` (in_features, out_channels, norm,
+            top_block, fuse_type).
+    """
+    if cbam_on_outputs:
+        fpn = CBAMFPN(
+            bottom_up=bottom_up,
+            cbam_reduction=cbam_reduction,
+            cbam_kernel_size=cbam_kernel_size,
+            **fpn_kwargs,
+        )
+    else:
+        fpn = FPN(bottom_up=bottom_up, **fpn_kwargs)
+    if getattr(bottom_up, "channels_last", False):
+        fpn.to(memory_format=torch.channels_last)  # FPN convs too; outputs stay NHWC
+    return fpn
+
+
 def _check_choice(key: str, value, allowed: Sequence) -> None:
     if value not in allowed:
         raise ValueError(f"{key} = {value!r} is not supported; allowed values: {list(allowed)}")
+
+
+def _check_trunk_args(width, norm, branches, reduction, kernel, freeze_at) -> None:
+    """ValueError naming the argument (and its config key), the value and what is allowed."""
+    _check_choice("width (MODEL.HRNET.WIDTH)", width, list(HRNET_WIDTHS))
+    _check_choice("norm (MODEL.HRNET.NORM)", norm, (*HRNET_NORMS, "naiveSyncBN"))
+    _check_choice("freeze_at (MODEL.BACKBONE.FREEZE_AT)", freeze_at, range(len(HRNET_STAGES) + 1))
+    for branch in branches:
+        _check_choice("cbam_branches (MODEL.CBAM.BRANCHES)", branch, HRNET_FEATURES)
+    if not isinstance(reduction, int) or reduction < 1:
+        raise ValueError(
+            f"cbam_reduction (MODEL.CBAM.REDUCTION) = {reduction!r}; allowed values: integers >= 1"
+        )
+    if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise ValueError(
+            f"cbam_kernel_size (MODEL.CBAM.KERNEL_SIZE) = {kernel!r}; allowed values: odd positive "
+            "integers (3, 5, 7, ...)"
+        )
 
 
 def _check_cbam_hrnet_cfg(cfg) -> None:
@@ -182,21 +248,6 @@ def _trunk_norm(cfg) -> str:
     return norm
 
 
-def _activation_checkpointing(cfg, norm: str) -> bool:
-    if not cfg.MODEL.HRNET.ACTIVATION_CHECKPOINTING:
-        return False
-    if norm not in STATELESS_NORMS:
-        logger.info(
-            "MODEL.HRNET.ACTIVATION_CHECKPOINTING is not applied with MODEL.HRNET.NORM %s: a "
-            "BatchNorm "
-            "in training mode would update its statistics twice per step (stateless norms: %s)",
-            cfg.MODEL.HRNET.NORM,
-            ", ".join(STATELESS_NORMS),
-        )
-        return False
-    return True
-
-
 def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRNet:
     _check_cbam_hrnet_cfg(cfg)
     # fmt: off
@@ -215,9 +266,10 @@ def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRN
         cbam_branches=branches,
         cbam_reduction=reduction,
         cbam_kernel_size=kernel,
+        freeze_at=freeze_at,
         channels_last=cfg.MODEL.HRNET.CHANNELS_LAST,
         fold_bn=cfg.MODEL.HRNET.FOLD_BN,
-        activation_checkpointing=_activation_checkpointing(cfg, norm),
+        activation_checkpointing=cfg.MODEL.HRNET.ACTIVATION_CHECKPOINTING,
     )
     if pretrained and cfg.MODEL.WEIGHTS:
         logger.info(
@@ -227,7 +279,7 @@ def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRN
         )
     elif pretrained:
         load_pretrained_trunk(backbone.trunk, pretrained, width)
-    return backbone.freeze(freeze_at)
+    return backbone
 
 
 def _log_built(cfg, model: nn.Module, sites: Sequence[str]) -> None:
@@ -271,25 +323,18 @@ def build_cbam_hrnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     """
     enabled, position = cfg.MODEL.CBAM.ENABLED, cfg.MODEL.CBAM.POSITION
     bottom_up = _build_trunk(cfg, input_shape, cbam_on_branches=enabled and position == "branches")
-    fpn_kwargs = dict(
+    on_outputs = enabled and position == "fpn"
+    backbone = hrnet_fpn(
         bottom_up=bottom_up,
+        cbam_on_outputs=on_outputs,
+        cbam_reduction=cfg.MODEL.CBAM.REDUCTION,
+        cbam_kernel_size=cfg.MODEL.CBAM.KERNEL_SIZE,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM,
         top_block=LastLevelMaxPool(),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
-    if enabled and position == "fpn":
-        backbone = CBAMFPN(
-            cbam_reduction=cfg.MODEL.CBAM.REDUCTION,
-            cbam_kernel_size=cfg.MODEL.CBAM.KERNEL_SIZE,
-            **fpn_kwargs,
-        )
-        sites = list(backbone.cbam)
-    else:
-        backbone = FPN(**fpn_kwargs)
-        sites = list(bottom_up.cbam)
-    if cfg.MODEL.HRNET.CHANNELS_LAST:
-        backbone.to(memory_format=torch.channels_last)  # FPN convs too; outputs stay NHWC
+    sites = list(backbone.cbam) if on_outputs else list(bottom_up.cbam)
     _log_built(cfg, backbone, sites)
     return backbone

@@ -13,15 +13,21 @@ from detectron2.utils import comm
 
 from .memory import libc
 
-__all__ = ["set_cpu_threads", "keep_large_allocations_in_heap", "cpu_ddp_patch"]
+__all__ = [
+    "set_cpu_threads",
+    "keep_large_allocations_in_heap",
+    "create_ddp_model",
+    "cpu_ddp_patch",
+]
 
 logger = logging.getLogger(__name__)
 
 
-def set_cpu_threads(cfg) -> None:
-    """On CPU, share the cores between the processes of this machine, and keep large tensors'
-    memory in the heap (:func:`keep_large_allocations_in_heap`)."""
-    if cfg.MODEL.DEVICE == "cpu":
+def set_cpu_threads(device: str) -> None:
+    """On CPU (``device`` "cpu": MODEL.DEVICE, or train.device of a LazyConfig), share the cores
+    between the processes of this machine, and keep large tensors' memory in the heap
+    (:func:`keep_large_allocations_in_heap`)."""
+    if device == "cpu":
         keep_large_allocations_in_heap()
         threads = max(1, (os.cpu_count() or 1) // comm.get_local_size())
         torch.set_num_threads(threads)
@@ -49,18 +55,25 @@ def keep_large_allocations_in_heap() -> bool:
     return bool(c.mallopt(_M_MMAP_MAX, 0)) and bool(c.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """detectron2's ``create_ddp_model``; for a CPU model without ``device_ids`` (gloo): detectron2
+    passes ``[local_rank]``, which DistributedDataParallel rejects for CPU modules."""
+    if next(model.parameters()).device.type == "cpu":
+        kwargs["device_ids"] = None
+    return defaults.create_ddp_model(model, **kwargs)
+
+
 @contextlib.contextmanager
 def cpu_ddp_patch() -> Iterator[None]:
-    """Wrap ``DefaultTrainer.__init__`` in this context: CPU models then get DDP with
-    ``device_ids=None`` (gloo). detectron2 passes ``[local_rank]``, which DistributedDataParallel
-    rejects for CPU modules, and calls its module-level ``create_ddp_model`` inside ``__init__``,
-    which leaves no other seam. CUDA models are wrapped as detectron2 does."""
+    """Wrap ``DefaultTrainer.__init__`` in this context so that it wraps the model with
+    :func:`create_ddp_model`: detectron2 calls its module-level ``create_ddp_model`` inside
+    ``__init__``, which leaves no other seam (the one mock patch of the package)."""
     original = defaults.create_ddp_model
 
-    def create_ddp_model(model, **kwargs):
+    def patched(model, **kwargs):
         if next(model.parameters()).device.type == "cpu":
             kwargs["device_ids"] = None
         return original(model, **kwargs)
 
-    with mock.patch.object(defaults, "create_ddp_model", create_ddp_model):
+    with mock.patch.object(defaults, "create_ddp_model", patched):
         yield

@@ -135,28 +135,27 @@ class _RecomputedHRModule(HighResolutionModule):
         return super().forward(x)
 
 
-def recompute_hrnet_modules(trunk: nn.Module) -> int:
+def recompute_hrnet_modules(trunk: nn.Module) -> Tuple[int, List[str]]:
     """Activation checkpointing (``MODEL.HRNET.ACTIVATION_CHECKPOINTING``): every stage-2..4
-    ``HighResolutionModule`` of ``trunk`` recomputes its forward in backward instead of keeping its
-    activations. Only the class changes: parameters, buffers and state_dict keys stay. Returns the
-    number of modules changed.
+    ``HighResolutionModule`` of ``trunk`` whose norms are stateless recomputes its forward in
+    backward instead of keeping its activations. A module holding a BatchNorm that is not frozen is
+    left as it is: in training mode it would update its running statistics twice per step.
 
-    Raises:
-        ValueError: when a module holds a BatchNorm that is not frozen: in training mode it would
-            update its running statistics twice per step.
+    The module's class is swapped rather than the module wrapped (detectron2's ``vit.py`` wraps its
+    blocks with ``checkpoint_wrapper``): parameters, buffers and state_dict keys stay, so
+    checkpoints load with the option on or off; and timm's forward writes into its input list, which
+    a generic wrapper would hand to the recomputation already overwritten.
+
+    Returns:
+        (int, list[str]): the number of modules changed, and the names of those left unchanged.
     """
-    count = 0
+    count, skipped = 0, []
     for name, module in trunk.named_modules():
         if type(module) is not HighResolutionModule:
             continue
-        stateful = [n for n, m in module.named_modules() if isinstance(m, _BatchNorm)]
-        if stateful:
-            raise ValueError(
-                f"activation checkpointing needs stateless norms ({', '.join(STATELESS_NORMS)}); "
-                f"{name}.{stateful[0]} is a {type(module.get_submodule(stateful[0])).__name__}: "
-                "set "
-                "MODEL.HRNET.ACTIVATION_CHECKPOINTING False or MODEL.HRNET.NORM to FrozenBN or GN"
-            )
+        if any(isinstance(m, _BatchNorm) for m in module.modules()):
+            skipped.append(name)
+            continue
         module.__class__ = _RecomputedHRModule
         count += 1
-    return count
+    return count, skipped

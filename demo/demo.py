@@ -15,7 +15,9 @@ from typing import List, Tuple
 
 import cv2
 import numpy as np
+import torch
 import tqdm
+from detectron2.config import LazyConfig
 from detectron2.utils.logger import setup_logger
 from PIL import Image, ImageOps
 from predictor import VisualizationDemo
@@ -29,6 +31,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def setup_cfg(args):
+    if args.config_file.endswith(".py"):  # a LazyConfig; --opts as key=value
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+        cfg.model.roi_heads.box_predictor.test_score_thresh = args.confidence_threshold
+        if not torch.cuda.is_available():
+            cfg.train.device = "cpu"
+        return cfg
     cfg = load_config(args.config_file, args.opts)  # add_cbam_hrnet_config before the YAML
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
@@ -56,7 +64,12 @@ def get_parser():
         action="store_true",
         help="also write one spatial-attention heatmap per CBAM site and a channel-attention plot",
     )
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="KEY VALUE pairs")
+    parser.add_argument(
+        "--opts",
+        default=[],
+        nargs=argparse.REMAINDER,
+        help="KEY VALUE pairs (YAML configs) or key=value (.py LazyConfigs)",
+    )
     return parser
 
 

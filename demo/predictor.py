@@ -8,6 +8,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import cv2
 import numpy as np
 import torch
+from detectron2.config import CfgNode, instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.engine.defaults import DefaultPredictor
@@ -15,26 +16,56 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
 from cbam_hrnet_d2.cbam import record_attention
+from cbam_hrnet_d2.checkpoint import SafeCheckpointer
 
 logger = logging.getLogger(__name__)
+
+
+class LazyPredictor(DefaultPredictor):
+    """detectron2's DefaultPredictor for a LazyConfig (which it does not take, detectron2#3416): the
+    model of ``cfg.model`` with the weights of ``cfg.train.init_checkpoint``, the resize of the test
+    mapper and the model's input format. ``DefaultPredictor.__call__`` is used as it is; of its cfg
+    it reads MODEL.DEVICE only."""
+
+    def __init__(self, cfg):
+        self.model = instantiate(cfg.model).to(cfg.train.device).eval()
+        SafeCheckpointer(self.model).load(cfg.train.init_checkpoint)
+        resizes = [
+            a
+            for a in cfg.dataloader.test.mapper.augmentations
+            if getattr(a._target_, "__name__", str(a._target_)).endswith("ResizeShortestEdge")
+        ]
+        if not resizes:
+            raise ValueError(
+                "dataloader.test.mapper.augmentations has no ResizeShortestEdge: the demo resizes "
+                "images as the test loader does"
+            )
+        self.aug = instantiate(resizes[0])
+        self.input_format = cfg.model.input_format
+        self.cfg = CfgNode({"MODEL": {"DEVICE": cfg.train.device}})
+
+
+def _test_dataset(cfg) -> str:
+    if isinstance(cfg, CfgNode):
+        return cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
+    names = cfg.dataloader.test.dataset.names
+    return names if isinstance(names, str) else names[0]
 
 
 class VisualizationDemo:
     def __init__(self, cfg, instance_mode=ColorMode.IMAGE, parallel=False):
         """
         Args:
-            cfg (CfgNode):
+            cfg (CfgNode or DictConfig): a YAML config, or a LazyConfig (``.py``)
             instance_mode (ColorMode):
             parallel (bool): not supported on CPU-only machines; kept for detectron2's signature.
         """
         if parallel:
             raise ValueError("parallel=True is not supported by this demo; run one process per GPU")
-        self.metadata = MetadataCatalog.get(
-            cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
-        )
+        self.metadata = MetadataCatalog.get(_test_dataset(cfg))
         self.cpu_device = torch.device("cpu")
         self.instance_mode = instance_mode
-        self.predictor = DefaultPredictor(cfg)
+        self.predictor = DefaultPredictor(cfg) if isinstance(cfg, CfgNode) else LazyPredictor(cfg)
         self.strides = {}
         backbone = self.predictor.model.backbone
         for shapes in (

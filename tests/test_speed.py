@@ -220,14 +220,22 @@ class TestActivationCheckpointing(unittest.TestCase):
             )
         self.assertEqual(recomputed(bn_trunk), 0)
         self.assertIn("would update its statistics twice", "\n".join(logs.output))
+        self.assertIn("MODEL.HRNET.NORM FrozenBN or GN", "\n".join(logs.output))
 
-    def test_batchnorm_trunk_is_refused_with_the_keys_to_change(self):
-        from cbam_hrnet_d2.hrnet import build_hrnet_trunk, recompute_hrnet_modules
+    def test_batchnorm_modules_are_left_unchanged_by_the_library_function_too(self):
+        # one policy (issue 16): recompute_hrnet_modules skips what the config path skips
+        from cbam_hrnet_d2.hrnet import (
+            _RecomputedHRModule,
+            build_hrnet_trunk,
+            recompute_hrnet_modules,
+        )
 
-        with self.assertRaisesRegex(
-            ValueError, "MODEL.HRNET.ACTIVATION_CHECKPOINTING False or MODEL.HRNET.NORM"
-        ):
-            recompute_hrnet_modules(build_hrnet_trunk(18, norm="BN"))
+        trunk = build_hrnet_trunk(18, norm="BN")
+        count, skipped = recompute_hrnet_modules(trunk)
+        self.assertEqual((count, len(skipped)), (0, 8))
+        self.assertFalse(any(isinstance(m, _RecomputedHRModule) for m in trunk.modules()))
+        frozen = build_hrnet_trunk(18, norm="FrozenBN")
+        self.assertEqual(recompute_hrnet_modules(frozen), (8, []))
 
     def test_outputs_and_gradients_equal_without_checkpointing(self):
         on, off = self.pair()

@@ -1,0 +1,54 @@
+"""Mask R-CNN with CBAM-HRNet-W18 + FPN as a LazyConfig: the model of
+configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml (same parameters and state_dict keys), on detectron2's
+common/ pieces (model, COCO data, 1x schedule, SGD, train settings).
+
+    python lazy_train_net.py --config-file configs/lazy/mask_rcnn_cbam_hrnet_w18_fpn.py --num-gpus 8
+"""
+
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+
+from cbam_hrnet_d2.backbone import CBAMHRNet, hrnet_fpn
+from cbam_hrnet_d2.hrnet import HRNET_FEATURES
+from cbam_hrnet_d2.roi_align import SparseROIAlignROIHeads
+
+model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+dataloader = model_zoo.get_config("common/data/coco.py").dataloader
+lr_multiplier = model_zoo.get_config("common/coco_schedule.py").lr_multiplier_1x
+optimizer = model_zoo.get_config("common/optim.py").SGD
+train = model_zoo.get_config("common/train.py").train
+
+# The backbone: the CBAM-HRNet trunk (the arguments the YAML builder passes for the 1x config)
+# under detectron2's FPN with LastLevelMaxPool, channels-last like the trunk.
+model.backbone = L(hrnet_fpn)(
+    bottom_up=L(CBAMHRNet)(
+        width=18,
+        in_channels=3,
+        norm="FrozenBN",
+        cbam_branches=list(HRNET_FEATURES),
+        cbam_reduction=16,
+        cbam_kernel_size=7,
+        freeze_at=2,
+        channels_last=True,
+        fold_bn=True,
+        activation_checkpointing=True,
+    ),
+    cbam_on_outputs=False,
+    in_features=list(HRNET_FEATURES),
+    out_channels=256,
+    norm="",
+    top_block=L(LastLevelMaxPool)(),
+    fuse_type="sum",
+)
+# detectron2's StandardROIHeads with the multi-threaded CPU RoIAlign (the YAML base's choice)
+model.roi_heads._target_ = SparseROIAlignROIHeads
+# timm's ImageNet statistics, RGB (as the YAML base)
+model.pixel_mean = [123.675, 116.28, 103.53]
+model.pixel_std = [58.395, 57.12, 57.375]
+model.input_format = "RGB"
+dataloader.train.mapper.image_format = "RGB"
+
+# ImageNet weights made by `python -m cbam_hrnet_d2.convert` (README)
+train.init_checkpoint = "weights/hrnet_w18_in1k_d2.safetensors"
+train.device = "cuda"

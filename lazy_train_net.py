@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""
+Train and evaluate from a LazyConfig (configs/lazy/*.py), in the shape of detectron2's
+tools/lazyconfig_train_net.py:
+
+    python lazy_train_net.py --config-file configs/lazy/mask_rcnn_cbam_hrnet_w18_fpn_shapes.py
+    python lazy_train_net.py --config-file configs/lazy/mask_rcnn_cbam_hrnet_w18_fpn.py --num-gpus 8
+    python lazy_train_net.py --config-file ... --eval-only train.init_checkpoint=output/x.pth
+    python lazy_train_net.py --config-file ... train.max_iter=100 optimizer.lr=0.001
+
+As train_net.py: without CUDA it runs on the CPU (``--num-gpus N`` starts N CPU processes), saves
+with the safe atomic checkpointer, writes results.json / ap_tables.md, stops on SIGTERM/SIGINT with
+a checkpoint, and resumes exactly with ``train.exact_resume=True``.
+"""
+
+import logging
+
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+)
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+from cbam_hrnet_d2.checkpoint import SafeCheckpointer
+from cbam_hrnet_d2.cpu import create_ddp_model, set_cpu_threads
+from cbam_hrnet_d2.memory import MemoryMonitor
+from cbam_hrnet_d2.preemption import Preemption, launch
+from cbam_hrnet_d2.results import write_results
+from cbam_hrnet_d2.resume import ExactResume, ResumableLoader
+
+logger = logging.getLogger("cbam_hrnet_d2")
+
+
+def do_test(cfg, model):
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    if comm.is_main_process():
+        print_csv_format(results)
+        write_results({cfg.dataloader.evaluator.dataset_name: results}, cfg.train.output_dir)
+    return results
+
+
+def do_train(args, cfg):
+    model = instantiate(cfg.model)
+    logger.info("Model:\n%s", model)
+    model.to(cfg.train.device)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    loader = ResumableLoader(instantiate(cfg.dataloader.train))
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, loader, optimizer)
+    checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    trainer.checkpointer = checkpointer  # the Preemption hook saves through it
+    trainer.register_hooks(
+        [
+            ExactResume(
+                loader,
+                enabled=cfg.train.get("exact_resume", False),
+                seed=cfg.train.get("seed", -1),
+                checkpoint_period=cfg.train.checkpointer.period,
+            ),
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            (
+                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+                if comm.is_main_process()
+                else None
+            ),
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            MemoryMonitor(),
+            (
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
+                )
+                if comm.is_main_process()
+                else None
+            ),
+            Preemption(),
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args):
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    if not torch.cuda.is_available():
+        cfg.train.device = "cpu"
+    default_setup(cfg, args)
+    set_cpu_threads(cfg.train.device)
+    if args.eval_only:
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        model = create_ddp_model(model)
+        SafeCheckpointer(model).load(cfg.train.init_checkpoint)
+        return do_test(cfg, model)
+    do_train(args, cfg)  # detectron2's EvalHook evaluates after the last iteration
+
+
+def invoke_main() -> None:
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()  # pragma: no cover

@@ -1,0 +1,127 @@
+"""Detectron2's LazyConfig front door (issue 19): the lazy configs build the same networks as the
+YAML ones, checkpoints load across, lazy_train_net.py trains and evaluates, the demo takes them, bad
+overrides are named."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.modeling import build_model
+
+from cbam_hrnet_d2.data import generate_shapes
+
+from .common import CONFIGS, REPO, get_config
+
+LAZY = os.path.join(CONFIGS, "lazy")
+W18_LAZY = os.path.join(LAZY, "mask_rcnn_cbam_hrnet_w18_fpn.py")
+SHAPES_LAZY = os.path.join(LAZY, "mask_rcnn_cbam_hrnet_w18_fpn_shapes.py")
+PAIRS = (
+    (W18_LAZY, os.path.join(CONFIGS, "mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml")),
+    (SHAPES_LAZY, os.path.join(CONFIGS, "shapes", "mask_rcnn_CBAM_HRNet_W18_FPN_shapes.yaml")),
+)
+
+
+def lazy_model(path, overrides=()):
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(path), list(overrides))
+    return instantiate(cfg.model).eval()
+
+
+def yaml_model(path):
+    return build_model(get_config(path, ["MODEL.WEIGHTS", ""])).eval()
+
+
+class TestLazyConfigs(unittest.TestCase):
+    def test_both_lazy_configs_load_and_instantiate_their_parts(self):
+        for path, _ in PAIRS:
+            with self.subTest(config=os.path.basename(path)):
+                cfg = LazyConfig.load(path)
+                self.assertEqual(
+                    set(cfg), {"model", "dataloader", "optimizer", "lr_multiplier", "train"}
+                )
+                model = instantiate(cfg.model)
+                self.assertEqual(type(model.backbone.bottom_up).__name__, "CBAMHRNet")
+                self.assertEqual(type(model.roi_heads).__name__, "SparseROIAlignROIHeads")
+
+    def test_lazy_and_yaml_models_have_equal_parameters_and_state_dict_keys(self):
+        for lazy_path, yaml_path in PAIRS:
+            with self.subTest(config=os.path.basename(lazy_path)):
+                a, b = lazy_model(lazy_path), yaml_model(yaml_path)
+                count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+                self.assertEqual(count(a), count(b))
+                sa, sb = a.state_dict(), b.state_dict()
+                self.assertEqual(sorted(sa), sorted(sb))
+                self.assertEqual(
+                    {k: tuple(v.shape) for k, v in sa.items()},
+                    {k: tuple(v.shape) for k, v in sb.items()},
+                )
+                trainable = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
+                self.assertEqual(trainable(a), trainable(b))  # same frozen stages
+
+    def test_a_checkpoint_of_one_loads_into_the_other_with_equal_outputs(self):
+        lazy_path, yaml_path = PAIRS[1]
+        torch.manual_seed(0)
+        a, b = lazy_model(lazy_path), yaml_model(yaml_path)
+        b.load_state_dict(a.state_dict())  # strict
+        for m in (a, b):
+            m.roi_heads.box_predictor.test_score_thresh = 0.0  # random init: keep detections
+        image = torch.rand(3, 128, 160) * 255
+        with torch.no_grad():
+            out_a = a([{"image": image}])[0]["instances"]
+            out_b = b([{"image": image}])[0]["instances"]
+        self.assertGreater(len(out_a), 0)
+        self.assertTrue(torch.equal(out_a.pred_boxes.tensor, out_b.pred_boxes.tensor))
+        self.assertTrue(torch.equal(out_a.scores, out_b.scores))
+        self.assertTrue(torch.equal(out_a.pred_masks, out_b.pred_masks))
+
+    def test_bad_width_override_names_the_value_and_the_allowed_ones(self):
+        with self.assertRaisesRegex(
+            ValueError, r"width \(MODEL.HRNET.WIDTH\) = 19 .*allowed values: \[18, 32, 48\]"
+        ):
+            lazy_model(W18_LAZY, ["model.backbone.bottom_up.width=19"])
+
+
+class TestLazyTrainNet(unittest.TestCase):
+    def test_trains_two_iterations_on_shapes_and_prints_bbox_and_segm_ap(self):
+        with tempfile.TemporaryDirectory() as d:
+            # tiny sets in the place of shapes_train / shapes_val ($DETECTRON2_DATASETS/shapes)
+            generate_shapes(os.path.join(d, "shapes"), "train", 4, seed=11)
+            generate_shapes(os.path.join(d, "shapes"), "val", 2, seed=12)
+            out = os.path.join(d, "out")
+            env = dict(os.environ, DETECTRON2_DATASETS=d, PYTHONWARNINGS="ignore")
+            cmd = [
+                sys.executable, os.path.join(REPO, "lazy_train_net.py"),
+                "--config-file", SHAPES_LAZY, "train.max_iter=2", "train.checkpointer.period=1", f"train.output_dir={out}",
+                "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
+                "dataloader.test.num_workers=0",
+            ]  # fmt: skip
+            proc = subprocess.run(
+                cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+            )
+            log = proc.stdout + proc.stderr
+            self.assertEqual(proc.returncode, 0, log[-4000:])
+            self.assertIn("Evaluation results for bbox", log)
+            self.assertIn("Evaluation results for segm", log)
+            with open(os.path.join(out, "results.json")) as f:
+                self.assertEqual(set(json.load(f)["shapes_val"]), {"bbox", "segm"})
+            self.assertTrue(os.path.isfile(os.path.join(out, "model_final.pth")))
+
+            # the demo takes the .py config too, with key=value overrides
+            pictures = os.path.join(d, "pictures")
+            demo = [
+                sys.executable, os.path.join(REPO, "demo", "demo.py"), "--config-file", SHAPES_LAZY,
+                "--input", os.path.join(d, "shapes", "val", "000000.png"), "--output", pictures,
+                "--attention", "--confidence-threshold", "0.0",
+                "--opts", f"train.init_checkpoint={out}/model_final.pth",
+            ]  # fmt: skip
+            proc = subprocess.run(
+                demo, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+            )
+            self.assertEqual(proc.returncode, 0, (proc.stdout + proc.stderr)[-4000:])
+            written = sorted(os.listdir(pictures))
+            self.assertIn("000000.png", written)
+            self.assertTrue(any("attention" in f for f in written), written)
