@@ -95,7 +95,8 @@ class TestLazyTrainNet(unittest.TestCase):
             env = dict(os.environ, DETECTRON2_DATASETS=d, PYTHONWARNINGS="ignore")
             cmd = [
                 sys.executable, os.path.join(REPO, "lazy_train_net.py"),
-                "--config-file", SHAPES_LAZY, "train.max_iter=2", "train.checkpointer.period=1", f"train.output_dir={out}",
+                "--config-file", SHAPES_LAZY, "train.max_iter=2", "train.checkpointer.period=1",
+                f"train.output_dir={out}",
                 "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
                 "dataloader.test.num_workers=0",
             ]  # fmt: skip
