@@ -113,6 +113,7 @@ class TestLazyTrainNet(unittest.TestCase):
 
             # the demo takes the .py config too, with key=value overrides
             pictures = os.path.join(d, "pictures")
+            os.makedirs(pictures)
             demo = [
                 sys.executable, os.path.join(REPO, "demo", "demo.py"), "--config-file", SHAPES_LAZY,
                 "--input", os.path.join(d, "shapes", "val", "000000.png"), "--output", pictures,

@@ -17,10 +17,10 @@ from cbam_hrnet_d2.data_loader import RobustDatasetMapper
 from .mask_rcnn_cbam_hrnet_w18_fpn import dataloader, model, train
 
 # model: from scratch (nothing frozen), GroupNorm in trunk, FPN and mask head, smaller heads
-bottom_up = model.backbone.bottom_up
-bottom_up.norm = "GN"
-bottom_up.freeze_at = 0
-bottom_up.activation_checkpointing = False
+_bottom_up = model.backbone.bottom_up
+_bottom_up.norm = "GN"
+_bottom_up.freeze_at = 0
+_bottom_up.activation_checkpointing = False
 model.backbone.out_channels = 128
 model.backbone.norm = "GN"
 model.proposal_generator.head.in_channels = 128
@@ -28,17 +28,17 @@ model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256
 model.proposal_generator.pre_nms_topk = (500, 300)
 model.proposal_generator.post_nms_topk = (200, 100)
 model.proposal_generator.batch_size_per_image = 128
-roi = model.roi_heads
-roi.num_classes = 6
-roi.batch_size_per_image = 128
-roi.positive_fraction = 0.25
-roi.box_head.input_shape.channels = 128
-roi.box_head.fc_dims = [256, 256]
-roi.box_predictor.input_shape.channels = 256
-roi.box_predictor.test_topk_per_image = 20
-roi.mask_head.input_shape.channels = 128
-roi.mask_head.conv_dims = [128, 128, 128, 128, 128]
-roi.mask_head.conv_norm = "GN"
+_roi = model.roi_heads
+_roi.num_classes = 6
+_roi.batch_size_per_image = 128
+_roi.positive_fraction = 0.25
+_roi.box_head.input_shape.channels = 128
+_roi.box_head.fc_dims = [256, 256]
+_roi.box_predictor.input_shape.channels = 256
+_roi.box_predictor.test_topk_per_image = 20
+_roi.mask_head.input_shape.channels = 128
+_roi.mask_head.conv_dims = [128, 128, 128, 128, 128]
+_roi.mask_head.conv_norm = "GN"
 
 # data: the shapes set at 128-192 px, bad images skipped as train_net.py does
 dataloader.train.dataset = L(get_detection_dataset_dicts)(names="shapes_train")
