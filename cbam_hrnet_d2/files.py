@@ -59,13 +59,14 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None], *, fsync: bool =
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except Exception as e:
+        why = _why(e, directory)  # free space before the partial file is removed
         try:
             os.remove(tmp)
         except FileNotFoundError:
             pass
         raise FileWriteError(
             getattr(_root_os_error(e), "errno", None) or errno.EIO,
-            f"could not write {path}: {_why(e, directory)}. The temporary file was removed; what "
+            f"could not write {path}: {why}. The temporary file was removed; what "
             "was "
             f"in {path} before (if anything) is unchanged.",
         ) from e

@@ -12,8 +12,11 @@ import unittest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
+from detectron2.solver import LRMultiplier, build_lr_scheduler
 
+from cbam_hrnet_d2.checkpoint import SafeCheckpointer
 from cbam_hrnet_d2.data import generate_shapes
+from cbam_hrnet_d2.solver import build_optimizer
 
 from .common import CONFIGS, REPO, get_config
 
@@ -66,7 +69,11 @@ class TestLazyConfigs(unittest.TestCase):
         lazy_path, yaml_path = PAIRS[1]
         torch.manual_seed(0)
         a, b = lazy_model(lazy_path), yaml_model(yaml_path)
-        b.load_state_dict(a.state_dict())  # strict
+        with tempfile.TemporaryDirectory() as d:
+            SafeCheckpointer(a, save_dir=d).save("lazy")
+            loaded = SafeCheckpointer(b).load(os.path.join(d, "lazy.pth"))
+        self.assertEqual(loaded, {})  # nothing left over (the model's tensors were consumed)
+        self.assertTrue(all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items()))
         for m in (a, b):
             m.roi_heads.box_predictor.test_score_thresh = 0.0  # random init: keep detections
         image = torch.rand(3, 128, 160) * 255
@@ -77,6 +84,31 @@ class TestLazyConfigs(unittest.TestCase):
         self.assertTrue(torch.equal(out_a.pred_boxes.tensor, out_b.pred_boxes.tensor))
         self.assertTrue(torch.equal(out_a.scores, out_b.scores))
         self.assertTrue(torch.equal(out_a.pred_masks, out_b.pred_masks))
+
+    def test_shapes_recipe_optimizer_and_schedule_equal_the_yaml_ones(self):
+        cfg = LazyConfig.load(SHAPES_LAZY)
+        ycfg = get_config(PAIRS[1][1])
+        self.assertEqual(
+            (cfg.train.max_iter, cfg.dataloader.train.total_batch_size, cfg.train.seed),
+            (ycfg.SOLVER.MAX_ITER, ycfg.SOLVER.IMS_PER_BATCH, ycfg.SEED),
+        )
+        model = lazy_model(SHAPES_LAZY)
+        cfg.optimizer.params.model = model
+        lazy_opt = instantiate(cfg.optimizer)
+        yaml_opt = build_optimizer(ycfg, model)
+        self.assertEqual(type(lazy_opt), type(yaml_opt))
+        strip = [{k: v for k, v in g.items() if k != "params"} for g in lazy_opt.param_groups]
+        self.assertEqual(
+            strip, [{k: v for k, v in g.items() if k != "params"} for g in yaml_opt.param_groups]
+        )
+        # the LR of every iteration: detectron2's LRMultiplier over each side's multiplier
+        lazy_sched = LRMultiplier(lazy_opt, instantiate(cfg.lr_multiplier), cfg.train.max_iter)
+        yaml_sched = build_lr_scheduler(ycfg, yaml_opt)
+        for _ in range(cfg.train.max_iter):
+            self.assertAlmostEqual(lazy_sched.get_last_lr()[0], yaml_sched.get_last_lr()[0], 12)
+            lazy_sched.step()
+            yaml_sched.step()
+        self.assertAlmostEqual(yaml_sched.get_last_lr()[0], 0.0003, 12)  # after the step at 980
 
     def test_bad_width_override_names_the_value_and_the_allowed_ones(self):
         with self.assertRaisesRegex(
