@@ -55,12 +55,15 @@ def keep_large_allocations_in_heap() -> bool:
     return bool(c.mallopt(_M_MMAP_MAX, 0)) and bool(c.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+_D2_CREATE_DDP_MODEL = defaults.create_ddp_model
+
+
 def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     """detectron2's ``create_ddp_model``; for a CPU model without ``device_ids`` (gloo): detectron2
     passes ``[local_rank]``, which DistributedDataParallel rejects for CPU modules."""
     if next(model.parameters()).device.type == "cpu":
         kwargs["device_ids"] = None
-    return defaults.create_ddp_model(model, **kwargs)
+    return _D2_CREATE_DDP_MODEL(model, **kwargs)
 
 
 @contextlib.contextmanager
@@ -68,12 +71,5 @@ def cpu_ddp_patch() -> Iterator[None]:
     """Wrap ``DefaultTrainer.__init__`` in this context so that it wraps the model with
     :func:`create_ddp_model`: detectron2 calls its module-level ``create_ddp_model`` inside
     ``__init__``, which leaves no other seam (the one mock patch of the package)."""
-    original = defaults.create_ddp_model
-
-    def patched(model, **kwargs):
-        if next(model.parameters()).device.type == "cpu":
-            kwargs["device_ids"] = None
-        return original(model, **kwargs)
-
-    with mock.patch.object(defaults, "create_ddp_model", patched):
+    with mock.patch.object(defaults, "create_ddp_model", create_ddp_model):
         yield
