@@ -72,29 +72,14 @@ class PreemptionCase(TrainingTestCase):
 
 class TestPreemptionOneProcess(PreemptionCase):
     def test_sigterm_checkpoints_the_current_iteration_and_resume_is_exact(self):
-        common = self.data_opts + [
-            "SEED",
-            7,
-            "DATALOADER.NUM_WORKERS",
-            0,
-            "DATALOADER.EXACT_RESUME",
-            True,
-            "SOLVER.MAX_ITER",
-            14,
-            "SOLVER.CHECKPOINT_PERIOD",
-            1000,
-            "TEST.EVAL_PERIOD",
-            0,
-            "DATASETS.TEST",
-            "()",
-        ]
+        common = self.exact_resume_opts(seed=7, max_iter=14, checkpoint_period=1000)
         straight = self.out("pre_straight")
         self.check(run_train_net(common + ["OUTPUT_DIR", straight]))
 
         out = self.out("pre_stopped")
         rc, log = self.preempt(common, out)
         it = self.check_stopped(rc, log, out, signal.SIGTERM)
-        self.assertGreater(it, 0)
+        # any iteration before the last (on a loaded machine the first one may still be running)
         self.assertLess(it, 13)
         self.assertIn("Received SIGTERM: finishing the current iteration", log)
 
@@ -128,24 +113,8 @@ class TestPreemptionTwoProcesses(PreemptionCase):
     def test_sigterm_to_launcher_stops_both_with_one_checkpoint_and_exact_resume_on_every_rank(
         self,
     ):
-        common = self.data_opts + [
-            "SEED",
-            5,
-            "DATALOADER.NUM_WORKERS",
-            0,
-            "DATALOADER.EXACT_RESUME",
-            True,
-            "SOLVER.MAX_ITER",
-            9,
-            "SOLVER.IMS_PER_BATCH",
-            4,
-            "SOLVER.CHECKPOINT_PERIOD",
-            1000,
-            "TEST.EVAL_PERIOD",
-            0,
-            "DATASETS.TEST",
-            "()",
-        ]
+        common = self.exact_resume_opts(seed=5, max_iter=9, checkpoint_period=1000)
+        common += ["SOLVER.IMS_PER_BATCH", 4]
         straight = self.out("pre2_straight")
         self.check(run_train_net(["--num-gpus", 2] + common + ["OUTPUT_DIR", straight]))
 

@@ -83,22 +83,7 @@ class TestKilledTraining(TrainingTestCase):
 
 class TestExactResume(TrainingTestCase):
     def test_killed_and_resumed_run_ends_with_the_same_weights_as_a_straight_run(self):
-        common = self.data_opts + [
-            "SEED",
-            7,
-            "DATALOADER.NUM_WORKERS",
-            0,
-            "DATALOADER.EXACT_RESUME",
-            True,
-            "SOLVER.MAX_ITER",
-            6,
-            "SOLVER.CHECKPOINT_PERIOD",
-            3,
-            "TEST.EVAL_PERIOD",
-            0,
-            "DATASETS.TEST",
-            "()",
-        ]
+        common = self.exact_resume_opts(seed=7, max_iter=6, checkpoint_period=3)
         straight = self.out("straight")
         proc = run_train_net(common + ["OUTPUT_DIR", straight])
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])

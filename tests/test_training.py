@@ -66,6 +66,14 @@ class TrainingTestCase(unittest.TestCase):
     def tearDownClass(cls):
         cls.tmp.cleanup()
 
+    def exact_resume_opts(self, *, seed, max_iter, checkpoint_period):
+        """Options of a run that can be resumed exactly: fixed seed, no workers, no evaluation."""
+        return self.data_opts + [
+            "SEED", seed, "DATALOADER.NUM_WORKERS", 0, "DATALOADER.EXACT_RESUME", True,
+            "SOLVER.MAX_ITER", max_iter, "SOLVER.CHECKPOINT_PERIOD", checkpoint_period,
+            "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()",
+        ]  # fmt: skip
+
     def out(self, name):
         return os.path.join(self.tmp.name, name)
 
