@@ -93,9 +93,10 @@ class CBAMHRNet(Backbone):
             _, skipped = recompute_hrnet_modules(self.trunk)
             if skipped:
                 logger.info(
-                    "Activation checkpointing is not applied to %d HRNet module(s) with BatchNorm "
-                    "(%s, ...): a BatchNorm in training mode would update its statistics twice per "
-                    "step (MODEL.HRNET.NORM FrozenBN or GN, or freeze those stages, to apply it)",
+                    "Activation checkpointing is not applied to %d HRNet module(s) with "
+                    "BatchNorm (%s, ...): a BatchNorm in training mode would update its "
+                    "statistics twice per step (MODEL.HRNET.NORM FrozenBN or GN, or freeze those "
+                    "stages, to apply it)",
                     len(skipped),
                     skipped[0],
                 )
@@ -234,8 +235,8 @@ def _check_cbam_hrnet_cfg(cfg) -> None:
         raise ValueError(f"MODEL.CBAM.REDUCTION = {reduction!r}; allowed values: integers >= 1")
     if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
         raise ValueError(
-            f"MODEL.CBAM.KERNEL_SIZE = {kernel!r}; allowed values: odd positive integers (3, 5, "
-            "7, ...)"
+            f"MODEL.CBAM.KERNEL_SIZE = {kernel!r}; allowed values: odd positive integers (3, 5, 7, "
+            "...)"
         )
 
 

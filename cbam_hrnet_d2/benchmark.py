@@ -126,9 +126,8 @@ def calibrate_norm_statistics(model: torch.nn.Module, x: torch.Tensor) -> None:
         if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d))
     ]
     was_training = model.training
-    with (
-        torch.enable_grad()
-    ):  # with autograd on, MODEL.HRNET.FOLD_BN leaves the BatchNorms in place
+    # with autograd on, MODEL.HRNET.FOLD_BN leaves the BatchNorms in place
+    with torch.enable_grad():
         model.eval()(x)
     model.train(was_training)
     for h in handles:
@@ -387,11 +386,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         row["config"] = " ".join(part.split("/")[-1] for part in row["config"].split())
     md = (
         f"Size {h}x{w}, {args.threads} threads, fp32 matmul peak {peak:.1f} GMAC/s, large blocks "
-        f"{'in the heap' if heap else 'mmap()ed (glibc default)'}, "
-        f"train batch {args.train_batch} ({args.train_iters} timed steps after "
-        f"{args.train_warmup}, "
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN fixed proposals per image)\n\n"
-        + tabulate(table, headers="keys", tablefmt="pipe")
+        f"{'in the heap' if heap else 'mmap()ed (glibc default)'}, train batch {args.train_batch} "
+        f"({args.train_iters} timed steps after {args.train_warmup}, MODEL.RPN.POST_NMS_TOPK_TRAIN "
+        "fixed proposals per image)\n\n" + tabulate(table, headers="keys", tablefmt="pipe")
     )
     with open(os.path.join(args.out, "benchmark.md"), "w") as f:
         f.write(md + "\n")

@@ -102,10 +102,9 @@ def load_tensor_file(path: str) -> Dict[str, Any]:
 
 MISSING_WEIGHTS_HINT = (
     "The COCO configs start from ImageNet HRNet weights, as detectron2's R50 configs do: make the "
-    "file "
-    "with `python -m cbam_hrnet_d2.convert --src <timm or official HRNet ImageNet file> --out "
-    "<this path> "
-    "--width <W>` (README, 'ImageNet-pretrained HRNet weights'), or give the unconverted file as "
+    "file with `python -m cbam_hrnet_d2.convert --src <timm or official HRNet ImageNet file> "
+    "--out <this path> --width <W>` (README, 'ImageNet-pretrained HRNet weights'), or give the "
+    "unconverted file as "
     'MODEL.HRNET.PRETRAINED with MODEL.WEIGHTS "", or train from random init with '
     'configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml (MODEL.WEIGHTS "").'
 )

@@ -92,9 +92,8 @@ def warn_if_frozen_norms_start_random(cfg) -> bool:
         return False
     logger.warning(
         "MODEL.HRNET.NORM is FrozenBN but neither MODEL.WEIGHTS nor MODEL.HRNET.PRETRAINED is "
-        "set: the "
-        "trunk trains from random init without normalisation. Give ImageNet weights, or set "
-        "MODEL.HRNET.NORM SyncBN (or GN) and MODEL.BACKBONE.FREEZE_AT 0 "
+        "set: the trunk trains from random init without normalisation. Give ImageNet weights, or "
+        "set MODEL.HRNET.NORM SyncBN (or GN) and MODEL.BACKBONE.FREEZE_AT 0 "
         "(configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml)."
     )
     return True

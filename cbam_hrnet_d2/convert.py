@@ -89,8 +89,8 @@ def match_trunk_state_dict(
     if file_width != width:
         raise ValueError(
             f"{path} holds HRNet-W{file_width} weights but the config builds HRNet-W{width} "
-            f"(MODEL.HRNET.WIDTH = {width}): convert or choose the file of width {width}, "
-            f"or set MODEL.HRNET.WIDTH = {file_width}"
+            f"(MODEL.HRNET.WIDTH = {width}): convert or choose the file of width {width}, or set "
+            f"MODEL.HRNET.WIDTH = {file_width}"
         )
     bad = [k for k, v in in_trunk.items() if k in expected and v.shape != expected[k].shape]
     if bad:
@@ -120,8 +120,8 @@ def load_pretrained_trunk(trunk: nn.Module, path: str, width: int) -> None:
     incompatible = trunk.load_state_dict(matched, strict=False)
     missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked")]
     logger.info(
-        "Loaded HRNet-W%d weights from %s: %d trunk tensors loaded; not in the file: %s; "
-        "in the file but unused: %s. CBAM, FPN and the detection heads start from random init.",
+        "Loaded HRNet-W%d weights from %s: %d trunk tensors loaded; not in the file: %s; in the "
+        "file but unused: %s. CBAM, FPN and the detection heads start from random init.",
         width,
         path,
         len(matched),
@@ -162,8 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     setup_logger(name=logger.name)
     report = convert(args.src, args.out, args.width)
     logger.info(
-        "Wrote %s: %d trunk tensors; trunk tensors not in the source: %s; source tensors dropped: "
-        "%s",
+        "Wrote %s: %d trunk tensors; trunk tensors not in the source: %s; source tensors "
+        "dropped: %s",
         args.out,
         len(report["loaded"]),
         _summarise(report["missing"]),

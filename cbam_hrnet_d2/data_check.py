@@ -11,13 +11,13 @@
 import json
 import logging
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Set, Tuple
 
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from tqdm import tqdm
 
-__all__ = ["validate_coco_json", "mask_kinds", "check_dataset", "IMAGE_ERRORS"]
+__all__ = ["validate_coco_json", "check_dataset", "IMAGE_ERRORS"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ IMAGE_ERRORS = (OSError, SyntaxError, EOFError, ValueError)
 
 # (json path, mtime, size) of files validated in this process: a dataset's loader does not parse a
 # file again that train_net.py's pre-flight check has just validated.
-_VALIDATED: Dict[Tuple[str, int, int], Dict[str, int]] = {}
+_VALIDATED: Set[Tuple[str, int, int]] = set()
 
 
 def _file_key(path: str) -> Tuple[str, int, int]:
@@ -69,36 +69,23 @@ def _segmentation_problem(ann: dict, img: dict) -> str:
     return ""
 
 
-def mask_kinds(data: dict) -> Dict[str, int]:
-    """Number of non-crowd annotations with polygon and with RLE masks (crowd regions are not
-    trained on as instances, so their masks do not decide the mask format)."""
-    kinds = {"polygon": 0, "rle": 0}
-    for ann in data.get("annotations", []):
-        if ann.get("iscrowd", 0):
-            continue
-        segm = ann.get("segmentation")
-        if _is_rle(segm):
-            kinds["rle"] += 1
-        elif isinstance(segm, list) and segm:
-            kinds["polygon"] += 1
-    return kinds
-
-
-def validate_coco_json(json_file: str, image_root: str) -> Dict[str, int]:
+def validate_coco_json(json_file: str, image_root: str) -> None:
     """Raise ValueError naming the file and the entry for: a file that is not JSON or not a COCO
     instances file, an annotation whose category id is not in ``categories``, an annotation of an
     unknown image, a malformed segmentation (an RLE whose size is not its image's), an image without
     height/width; FileNotFoundError for an image file that does not exist. ``info`` and ``licenses``
     are optional. (Degenerate polygons are dropped by detectron2's loader with one warning that
-    counts them; image sizes are checked against the files when images are read.)
-
-    Returns:
-        dict: :func:`mask_kinds` of the file.
-    """
+    counts them; image sizes are checked against the files when images are read.)"""
     key = _file_key(json_file) if os.path.isfile(json_file) else None
     if key in _VALIDATED:
-        return _VALIDATED[key]
-    data = _load_json(json_file)
+        return
+    _validate(_load_json(json_file), json_file, image_root)
+    if key is not None:
+        _VALIDATED.add(key)
+
+
+def _validate(data, json_file: str, image_root: str) -> None:
+    """:func:`validate_coco_json` on the already parsed ``data`` of ``json_file``."""
     if not isinstance(data, dict):
         raise ValueError(
             f"{json_file} is not a COCO instances file: the top level is not an object"
@@ -119,8 +106,7 @@ def validate_coco_json(json_file: str, image_root: str) -> Dict[str, int]:
         if ann.get("category_id") not in cat_ids:
             raise ValueError(
                 f"{json_file}: annotation id {ann.get('id')} has category_id "
-                f"{ann.get('category_id')}, "
-                f"which is not in 'categories' (ids {sorted(cat_ids)})"
+                f"{ann.get('category_id')}, which is not in 'categories' (ids {sorted(cat_ids)})"
             )
         if ann.get("image_id") not in images:
             raise ValueError(
@@ -136,10 +122,6 @@ def validate_coco_json(json_file: str, image_root: str) -> Dict[str, int]:
             raise FileNotFoundError(
                 f"{json_file}: image id {img['id']} names {path}, which does not exist"
             )
-    kinds = mask_kinds(data)
-    if key is not None:
-        _VALIDATED[key] = kinds
-    return kinds
 
 
 def _box_problem(ann: dict, img: dict) -> str:
@@ -169,12 +151,12 @@ def check_dataset(name: str) -> List[str]:
             f"Dataset {name!r} has no json_file in its metadata: only COCO-json datasets can be "
             "checked"
         )
+    data = _load_json(json_file)  # parsed once: structure, then every image
     problems: List[str] = []
     try:
-        validate_coco_json(json_file, image_root)
+        _validate(data, json_file, image_root)
     except (ValueError, FileNotFoundError) as e:
         problems.append(str(e))  # go on: list every bad image and annotation, not only the first
-    data = _load_json(json_file)
     anns_of: Dict[int, List[dict]] = {}
     for ann in data.get("annotations", []):
         anns_of.setdefault(ann.get("image_id"), []).append(ann)
@@ -185,8 +167,7 @@ def check_dataset(name: str) -> List[str]:
             if pixels.shape[:2] != (img.get("height"), img.get("width")):
                 problems.append(
                     f"{path}: decoded size {pixels.shape[1]}x{pixels.shape[0]} (WxH) differs from "
-                    "the json's "
-                    f"{img.get('width')}x{img.get('height')} (image id {img['id']})"
+                    f"the json's {img.get('width')}x{img.get('height')} (image id {img['id']})"
                 )
         except IMAGE_ERRORS as e:
             problems.append(

@@ -109,9 +109,8 @@ class RobustDatasetMapper(DatasetMapper):
             logger.warning("Dataset %r: skipping image %s (%s)", dataset, path, why)
             if self.bad_images_file:
                 line = "\t".join((dataset, path, why.replace("\t", " ").replace("\n", " "))) + "\n"
-                with open(
-                    self.bad_images_file, "a"
-                ) as f:  # O_APPEND: whole lines from every worker
+                # O_APPEND: whole lines from every worker
+                with open(self.bad_images_file, "a") as f:
                     f.write(line)
             return None
 

@@ -66,9 +66,8 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None], *, fsync: bool =
             pass
         raise FileWriteError(
             getattr(_root_os_error(e), "errno", None) or errno.EIO,
-            f"could not write {path}: {why}. The temporary file was removed; what "
-            "was "
-            f"in {path} before (if anything) is unchanged.",
+            f"could not write {path}: {why}. The temporary file was removed; what was in {path} "
+            "before (if anything) is unchanged.",
         ) from e
 
 

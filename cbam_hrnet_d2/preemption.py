@@ -43,8 +43,8 @@ def _on_signal(signum, _frame) -> None:
     if _received is None:
         _received = signum
         logger.warning(
-            "Received %s: finishing the current iteration, then writing a checkpoint and stopping "
-            "(SIGKILL stops at once, losing the iterations since the last checkpoint)",
+            "Received %s: finishing the current iteration, then writing a checkpoint and "
+            "stopping (SIGKILL stops at once, losing the iterations since the last checkpoint)",
             signal.Signals(signum).name,
         )
 
@@ -95,10 +95,9 @@ class Preemption(HookBase):
         name = f"model_{it:07d}"
         path = os.path.join(checkpointer.save_dir, f"{name}.pth")
         if comm.is_main_process():
+            # detectron2's periodic checkpoint may have written this iteration already
             already = checkpointer.has_checkpoint() and checkpointer.get_checkpoint_file() == path
-            if (
-                not already
-            ):  # detectron2's periodic checkpoint may have written this iteration already
+            if not already:
                 checkpointer.save(name, iteration=it)
         comm.synchronize()
         signum = _received or signal.SIGTERM
@@ -107,8 +106,7 @@ class Preemption(HookBase):
             by = signal.Signals(signum).name if _received else "a signal to another process"
             self._message = (
                 f"Stopped by {by} after iteration {it}: checkpoint {path} (last_checkpoint "
-                "updated). "
-                f"Resume with: {_resume_command()}"
+                f"updated). Resume with: {_resume_command()}"
             )
         raise TrainingStopped(code)
 

@@ -165,14 +165,14 @@ class ExactResume(HookBase):
         ranks = (self._loaded or {}).get("ranks")
         if not ranks:
             logger.warning(
-                "The checkpoint holds no RNG states (written without DATALOADER.EXACT_RESUME or by "
-                "another trainer): resuming without replay"
+                "The checkpoint holds no RNG states (written without DATALOADER.EXACT_RESUME or "
+                "by another trainer): resuming without replay"
             )
             return
         if len(ranks) != comm.get_world_size():
             logger.warning(
-                "The checkpoint holds the RNG states of %d process(es), this run has %d: resuming "
-                "without replay",
+                "The checkpoint holds the RNG states of %d process(es), this run has %d: "
+                "resuming without replay",
                 len(ranks),
                 comm.get_world_size(),
             )
