@@ -130,6 +130,31 @@ class TestDatasetFaults(unittest.TestCase):
         with self.assertRaisesRegex(FileNotFoundError, r"val.json: image id 2 names .*000001.png"):
             validate_coco_json(self.json, self.root)
 
+    def test_rle_of_the_wrong_size_names_file_annotation_and_both_sizes(self):
+        from cbam_hrnet_d2.data import validate_coco_json
+
+        img = self.data["images"][0]
+        ann = next(a for a in self.data["annotations"] if a["image_id"] == img["id"])
+        h, w = img["height"], img["width"]
+        ann["segmentation"] = {"size": [h + 1, w], "counts": "abc"}
+        self.write(self.data)
+        with self.assertRaisesRegex(
+            ValueError,
+            rf"val.json: annotation id {ann['id']}: RLE size \[{h + 1}, {w}\] "
+            rf"differs from its image's \[height, width\] \[{h}, {w}\]",
+        ):
+            validate_coco_json(self.json, self.root)
+
+    def test_image_without_height_and_width_names_file_and_image(self):
+        from cbam_hrnet_d2.data import validate_coco_json
+
+        del self.data["images"][1]["height"]
+        self.write(self.data)
+        with self.assertRaisesRegex(
+            ValueError, r"val.json: image id 2 has no numeric 'height' and 'width'"
+        ):
+            validate_coco_json(self.json, self.root)
+
     def test_degenerate_polygons_are_dropped_with_one_counted_warning(self):
         from cbam_hrnet_d2.data import load_coco_instances
 

@@ -243,6 +243,14 @@ class TestBadImages(TrainingTestCase):
         self.assertIn("checking bad_box", log)  # the progress bar
 
 
+class TestCheckCommand(unittest.TestCase):
+    def test_unregistered_name_is_named_with_how_to_register_it(self):
+        proc = run_check(["no_such_dataset"])
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("Dataset 'no_such_dataset' is not registered", proc.stderr + proc.stdout)
+        self.assertIn("--config-file", proc.stderr + proc.stdout)
+
+
 class TestLibraryPath(unittest.TestCase):
     def test_register_then_get_on_a_file_that_is_not_json_names_the_file(self):
         tmp = self.enterContext(__import__("tempfile").TemporaryDirectory())
