@@ -66,9 +66,9 @@ class CBAMHRNet(Backbone):
             freeze_at (int): freeze the stem (1), + stage1 (2), ... (5 = whole trunk); 0 = nothing.
             channels_last (bool): keep weights and activations in NHWC memory order (faster convs
                 on CPU; same results).
-            fold_bn (bool): in eval mode without autograd, run a copy of the trunk with BatchNorm
-                folded into the convs (:class:`FoldedTrunk`; same results, trained weights
-                untouched).
+            fold_bn (bool): in eval mode, run the trunk with its BatchNorms folded into the convs
+                (:class:`FoldedTrunk`; same results up to float rounding, gradients still reach
+                the trunk's weights, nothing cached).
             activation_checkpointing (bool): in training, recompute each stage-2..4 HRNet module in
                 backward instead of keeping its activations (:func:`recompute_hrnet_modules`;
                 modules with a BatchNorm that is not frozen are left out, with one log line).
@@ -101,7 +101,8 @@ class CBAMHRNet(Backbone):
                     skipped[0],
                 )
         self.channels_last = channels_last
-        self._folded = FoldedTrunk() if fold_bn else None
+        self.fold_bn = fold_bn
+        self._folded = FoldedTrunk()
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -129,11 +130,12 @@ class CBAMHRNet(Backbone):
         )
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        trunk = self.trunk
-        if self._folded is not None and not self.training and not torch.is_grad_enabled():
-            trunk = self._folded.get(self.trunk)
+        if self.fold_bn and not self.training:
+            features = self._folded(self.trunk, x)
+        else:
+            features = self.trunk(x)
         outputs = {}
-        for name, feature in zip(HRNET_FEATURES, trunk(x)):
+        for name, feature in zip(HRNET_FEATURES, features):
             if name in self.cbam:
                 feature = self.cbam[name](feature)
             outputs[name] = feature

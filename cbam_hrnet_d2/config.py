@@ -34,8 +34,8 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     _C.MODEL.HRNET.PRETRAINED = ""
     # Keep backbone weights and activations channels-last (NHWC): faster convs on CPU, same results.
     _C.MODEL.HRNET.CHANNELS_LAST = True
-    # In eval mode without autograd, fold the trunk's BatchNorms into its convs (a cached copy,
-    # refreshed when weights change; checkpoints unaffected). No effect with NORM "GN".
+    # In eval mode, run the trunk with its BatchNorms folded into the convs (computed from the live
+    # weights at each call; same outputs up to float rounding). No effect with NORM "GN".
     _C.MODEL.HRNET.FOLD_BN = True
     # In training, keep only the inputs of each stage-2..4 HRNet module and recompute it in backward
     # (~1.3 GB less peak memory at 800x1216, batch 2, for ~10% more time per step). Applied with

@@ -11,8 +11,8 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from cbam_hrnet_d2.benchmark import calibrate_norm_statistics
 from cbam_hrnet_d2.config import warn_if_frozen_norms_start_random
+from cbam_hrnet_d2.fixed_work import calibrate_norm_statistics
 
 from .common import CONFIGS, collect_config_files, get_config
 

@@ -6,8 +6,8 @@ import unittest
 import torch
 from detectron2.modeling import build_model
 
-from cbam_hrnet_d2.benchmark import FixedWork, calibrate_norm_statistics
-from cbam_hrnet_d2.fold_bn import fold_batchnorm
+from cbam_hrnet_d2.fixed_work import FixedWork, calibrate_norm_statistics
+from cbam_hrnet_d2.fold_bn import FoldedTrunk, conv_bn_pairs
 
 from .common import get_config
 
@@ -73,8 +73,8 @@ class TestSpeedOptionsKeepResults(unittest.TestCase):
         assert_close(self, sa, sb)
         assert_close(self, ma, mb)
         assert_close(self, da, db)
-        # the folded copy was really used: it has no BatchNorm left
-        folded = self.fast.backbone.bottom_up._folded._folded
+        # the folded trunk was really used: it has no BatchNorm left
+        folded = self.fast.backbone.bottom_up._folded.view
         self.assertIsNotNone(folded)
         self.assertFalse(any("BatchNorm" in type(m).__name__ for m in folded.modules()))
 
@@ -104,11 +104,10 @@ class TestSpeedOptionsKeepResults(unittest.TestCase):
         # boxes of this random model agree within 1% of the image size.
         self.assertLessEqual((canonical(a) - canonical(b)).abs().max().item(), 1e-2 * max(H, W))
 
-    def test_folded_copy_follows_new_weights(self):
+    def test_folded_trunk_follows_new_weights(self):
         plain, fast = build_pair()
         with torch.no_grad():
-            fast.backbone(self.x)  # builds the folded copy
-            before = fast.backbone.bottom_up._folded._folded
+            fast.backbone(self.x)  # builds the folded trunk's structure
             state = fast.state_dict()
             for k in state:
                 if k.endswith("running_var") or k.endswith("conv2.weight"):
@@ -116,11 +115,9 @@ class TestSpeedOptionsKeepResults(unittest.TestCase):
             fast.load_state_dict(state)
             plain.load_state_dict(state)
             pa, pb = plain.backbone(self.x), fast.backbone(self.x)
-            rebuilt = fast.backbone.bottom_up._folded._folded
         for name in pa:
             self.assertTrue(torch.isfinite(pa[name]).all())
             assert_close(self, pa[name], pb[name])
-        self.assertIsNot(rebuilt, before)
 
     def test_autograd_in_eval_mode_uses_the_trainable_trunk(self):
         _, fast = build_pair()
@@ -129,6 +126,14 @@ class TestSpeedOptionsKeepResults(unittest.TestCase):
         trainable = [p for p in fast.backbone.bottom_up.trunk.parameters() if p.requires_grad]
         self.assertTrue(trainable)
         self.assertTrue(all(p.grad is not None for p in trainable))
+
+    def test_eval_outputs_do_not_depend_on_grad_mode(self):
+        _, fast = build_pair()
+        with torch.no_grad():
+            a = fast.backbone(self.x)
+        b = fast.backbone(self.x)
+        for name in a:
+            self.assertTrue(torch.equal(a[name], b[name].detach()), name)
 
     def test_training_mode_outputs_equal_the_plain_model(self):
         # against the plain model evaluated in float64: two float32 runs of this random-init net
@@ -151,24 +156,23 @@ class TestFoldBatchnorm(unittest.TestCase):
             m[1].weight.data.uniform_(0.5, 2),
         )
         m.eval()
-        folded, count = fold_batchnorm(m)
-        self.assertEqual(count, 1)
-        self.assertIsInstance(folded[1], torch.nn.Identity)
+        self.assertEqual(conv_bn_pairs(m), [("0", "1")])
+        fold = FoldedTrunk()
         x = torch.randn(2, 3, 9, 9)
-        assert_close(self, m(x), folded(x), 1e-5)
+        with torch.no_grad():
+            assert_close(self, m(x), fold(m, x), 1e-5)
+        self.assertIsInstance(fold.view[1], torch.nn.Identity)
 
     def test_gn_trunk_is_left_alone(self):
         plain, fast = build_pair(["MODEL.HRNET.NORM", "GN"])
         x = torch.rand(1, 3, H, W)
         with torch.no_grad():
             pa, pb = plain.backbone(x), fast.backbone(x)
-        self.assertTrue(fast.backbone.bottom_up._folded.disabled)
+        self.assertEqual(fast.backbone.bottom_up._folded.pairs, [])
         for name in pa:
             assert_close(self, pa[name], pb[name])
 
-    def test_fold_that_changes_outputs_is_switched_off_with_a_warning(self):
-        from cbam_hrnet_d2.fold_bn import FoldedTrunk
-
+    def test_a_bn_not_known_to_follow_its_conv_is_not_folded(self):
         class Misordered(torch.nn.Module):
             """conv_b is registered right before bn_a, but bn_a follows conv_a in forward."""
 
@@ -184,11 +188,15 @@ class TestFoldBatchnorm(unittest.TestCase):
         torch.manual_seed(0)
         m = Misordered().eval()
         m.bn_a.running_mean.uniform_(-1, 1), m.bn_a.running_var.uniform_(0.5, 2)
-        cache = FoldedTrunk()
-        with self.assertLogs("cbam_hrnet_d2.fold_bn", "WARNING") as logs, torch.no_grad():
-            self.assertIs(cache.get(m), m)
-        self.assertIn("MODEL.HRNET.FOLD_BN switched off", "\n".join(logs.output))
-        self.assertTrue(cache.disabled)
+        self.assertEqual(conv_bn_pairs(m), [])
+        x = torch.randn(1, 3, 8, 8)
+        with torch.no_grad():
+            self.assertTrue(torch.equal(FoldedTrunk()(m, x)[0], m(x)[0]))
+
+    def test_every_batchnorm_of_the_hrnet_trunk_is_folded(self):
+        trunk = build_pair()[1].backbone.bottom_up.trunk
+        bns = [n for n, m in trunk.named_modules() if "BatchNorm" in type(m).__name__]
+        self.assertEqual(sorted(bn for _, bn in conv_bn_pairs(trunk)), sorted(bns))
 
 
 class TestActivationCheckpointing(unittest.TestCase):

@@ -1,6 +1,6 @@
 """Measure models on this machine, always next to detectron2's own R50-FPN Mask R-CNN:
 
-    python -m cbam_hrnet_d2.benchmark --configs configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml \
+    python tools/benchmark.py --configs configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml \
         "configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml MODEL.HRNET.FOLD_BN False" \
         --size 800 1216 --iters 5 --train-batch 2 --out output/benchmark
 
@@ -26,112 +26,24 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from detectron2 import model_zoo
-from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.analysis import FlopCountAnalysis
 from detectron2.utils.events import EventStorage
-from fvcore.nn import FlopCountAnalysis as TensorFlopCount
 from tabulate import tabulate
 
-from .config import load_config
-from .cpu import keep_large_allocations_in_heap
-from .memory import peak_rss_mib
+from cbam_hrnet_d2.cpu import keep_large_allocations_in_heap
+from cbam_hrnet_d2.fixed_work import (
+    REFERENCE,
+    FixedProposals,
+    FixedWork,
+    calibrate_norm_statistics,
+    load_cfg,
+    synthetic_batch,
+)
+from cbam_hrnet_d2.fold_bn import batchnorm_unfolded
+from cbam_hrnet_d2.memory import peak_rss_mib
 
-logger = logging.getLogger(__name__)
-
-REFERENCE = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
-
-
-def load_cfg(config: str, opts: Sequence[str] = ()):
-    path = model_zoo.get_config_file(config) if config == REFERENCE else config
-    cfg = load_config(path, opts)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    return cfg
-
-
-def fixed_boxes(h: int, w: int, num: int) -> Boxes:
-    """``num`` reproducible random boxes inside an (h, w) image, 8 px to 30% of each side."""
-    g = torch.Generator().manual_seed(0)
-    xy = torch.rand(num, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
-    wh = torch.rand(num, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 8
-    return Boxes(torch.cat([xy, xy + wh], 1))
-
-
-class FixedProposals(torch.nn.Module):
-    """A proposal generator whose losses are computed as usual but whose proposals are ``num`` fixed
-    boxes per image (:func:`fixed_boxes`), so that the RoI heads of random-init models train on the
-    same boxes."""
-
-    def __init__(self, rpn: torch.nn.Module, num: int):
-        super().__init__()
-        self.rpn = rpn
-        self.num = num
-
-    def forward(self, images, features, gt_instances=None):
-        _, losses = self.rpn(images, features, gt_instances)
-        proposals = []
-        for h, w in images.image_sizes:
-            inst = Instances((h, w))
-            boxes = fixed_boxes(h, w, self.num)
-            boxes.clip((h, w))  # as the RPN clips its proposals
-            inst.proposal_boxes = boxes.to(images.tensor.device)
-            inst.objectness_logits = torch.zeros(self.num, device=images.tensor.device)
-            proposals.append(inst)
-        return proposals, losses
-
-
-class FixedWork(torch.nn.Module):
-    """The whole Mask R-CNN at test time with the box counts fixed, so that random-init models of
-    different backbones do the same work: backbone + FPN, the RPN (its proposals discarded), the box
-    head on ``num_proposals`` fixed boxes and the mask head on ``num_detections`` fixed boxes.
-    (Final mask pasting into the image is left out.)"""
-
-    def __init__(self, model, h: int, w: int, num_proposals: int = 1000, num_detections: int = 100):
-        super().__init__()
-        self.model = model
-        self.boxes = fixed_boxes(h, w, num_proposals)
-        self.num_detections = num_detections
-        self.hw = (h, w)
-
-    def forward(self, x: torch.Tensor):
-        from detectron2.structures import ImageList
-
-        model, roi = self.model, self.model.roi_heads
-        features = model.backbone(x)
-        model.proposal_generator(ImageList(x, [self.hw]), features, None)
-        box_features = roi.box_pooler([features[f] for f in roi.box_in_features], [self.boxes])
-        scores, _ = roi.box_predictor(roi.box_head(box_features))
-        inst = Instances(self.hw)
-        inst.pred_boxes = self.boxes[: self.num_detections]
-        inst.pred_classes = torch.zeros(self.num_detections, dtype=torch.long)
-        masks = roi._forward_mask(features, [inst])
-        return scores, masks[0].pred_masks
-
-
-def calibrate_norm_statistics(model: torch.nn.Module, x: torch.Tensor) -> None:
-    """Set the running statistics of every (Frozen)BatchNorm from one forward pass over ``x``, in
-    forward order. Random-init models then keep finite activations like pretrained ones do (a
-    random-init R50 with FrozenBN overflows to NaN at 800 px and detectron2 aborts training)."""
-
-    def set_stats(module, inputs):
-        t = inputs[0].detach().float()
-        module.running_mean.copy_(t.mean(dim=(0, 2, 3)))
-        module.running_var.copy_(t.var(dim=(0, 2, 3)) + module.eps)
-
-    handles = [
-        m.register_forward_pre_hook(set_stats)
-        for m in model.modules()
-        if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d))
-    ]
-    was_training = model.training
-    # with autograd on, MODEL.HRNET.FOLD_BN leaves the BatchNorms in place
-    with torch.enable_grad():
-        model.eval()(x)
-    model.train(was_training)
-    for h in handles:
-        h.remove()
+logger = logging.getLogger("cbam_hrnet_d2.benchmark")
 
 
 def _seconds(fn: Callable[[], object], iters: int) -> List[float]:
@@ -150,23 +62,6 @@ def matmul_peak_gmacs(n: int = 2048, iters: int = 20) -> float:
     moment of other load on the machine cannot lower (a median once read 47 instead of 112)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     return n**3 / min(_seconds(lambda: torch.mm(a, b), iters)) / 1e9
-
-
-def _synthetic_batch(batch: int, h: int, w: int, num_instances: int = 8):
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(batch):
-        inst = Instances((h, w))
-        xy = torch.rand(num_instances, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
-        wh = torch.rand(num_instances, 2, generator=g) * torch.tensor([w * 0.25, h * 0.25]) + 32
-        boxes = torch.cat([xy, xy + wh], 1)
-        masks = torch.zeros(num_instances, h, w, dtype=torch.bool)
-        for i, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
-            masks[i, y0:y1, x0:x1] = True
-        inst.gt_boxes, inst.gt_masks = Boxes(boxes), BitMasks(masks)
-        inst.gt_classes = torch.randint(0, 3, (num_instances,), generator=g)
-        out.append({"image": torch.rand(3, h, w, generator=g) * 255, "instances": inst})
-    return out
 
 
 def _train_worker(
@@ -194,7 +89,7 @@ def _train_worker(
     model.train()
     # lr 0: the same work per step, and random-init weights cannot diverge between timed steps
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
-    data = _synthetic_batch(batch, h, w)
+    data = synthetic_batch(batch, h, w)
     times = []
     with EventStorage():
         for i in range(warmup + iters):
@@ -245,14 +140,15 @@ def prepare_inference(config: str, h: int, w: int, opts: Sequence[str] = ()):
     row: Dict[str, float] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
 
     def gmac(module, inputs):
-        count = TensorFlopCount(module, inputs).unsupported_ops_warnings(False)
+        count = FlopCountAnalysis(module, inputs).unsupported_ops_warnings(False)
         return count.uncalled_modules_warnings(False).total() / 1e9
 
-    # counted with autograd on: the architecture's count (MODEL.HRNET.FOLD_BN's copy is no
-    # submodule, which fvcore's per-module bookkeeping cannot follow)
-    row["backbone_fpn_GMAC"] = gmac(model.backbone, x)
-    row["trunk_GMAC"] = gmac(trunk, x)
-    row["model_GMAC"] = gmac(whole, x)
+    # the architecture's count: BatchNorms unfolded (MODEL.HRNET.FOLD_BN's view is no submodule,
+    # which fvcore's per-module bookkeeping cannot follow)
+    with batchnorm_unfolded(model):
+        row["backbone_fpn_GMAC"] = gmac(model.backbone, x)
+        row["trunk_GMAC"] = gmac(trunk, x)
+        row["model_GMAC"] = gmac(whole, x)
     timed = {
         "backbone_fpn_s": lambda: model.backbone(x),
         "trunk_s": lambda: trunk(x),
