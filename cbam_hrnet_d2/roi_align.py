@@ -11,7 +11,9 @@ grad``) are multi-threaded sparse products. Same sampling grid, clamping and ave
 torchvision's kernel (``aligned`` and adaptive ``sampling_ratio`` 0 included);
 tests/test_roi_align.py checks equality.
 
-On CUDA, or for inputs other than float32/float64, it falls back to detectron2's ``ROIAlign``.
+On CUDA, for inputs other than float32/float64, and while the model is traced, scripted, exported
+or compiled (sparse tensors do not export; the graph must hold for any number of boxes), it runs
+detectron2's ``ROIAlign`` (torchvision's kernel: the same numbers).
 :class:`SparseROIAlignROIHeads` (``MODEL.ROI_HEADS.NAME``) is detectron2's ``StandardROIHeads`` with
 its poolers' ``ROIAlign`` levels replaced by this one.
 """
@@ -107,12 +109,28 @@ def roi_align_matrix(
         )
 
 
+def _exporting() -> bool:
+    """True while torch.jit traces or scripts, torch.onnx exports, or torch.compile / torch.export
+    capture a graph."""
+    return (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_compiling()
+    )
+
+
 class SparseROIAlign(ROIAlign):
     """detectron2's :class:`~detectron2.layers.ROIAlign` (same arguments, same results) computed as
     a sparse matrix product on the CPU; see the module docstring."""
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        if input.is_cuda or input.dtype not in (torch.float32, torch.float64) or rois.numel() == 0:
+        if (
+            _exporting()  # first: the others would become constants of a traced graph
+            or input.is_cuda
+            or input.dtype not in (torch.float32, torch.float64)
+            or rois.numel() == 0
+        ):
             return super().forward(input, rois)
         n, c, h, w = input.shape
         batch = rois[:, 0]

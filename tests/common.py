@@ -1,6 +1,7 @@
 """Shared helpers of the test suite."""
 
 import glob
+import importlib.util
 import os
 
 from cbam_hrnet_d2.config import load_config
@@ -19,3 +20,13 @@ def collect_config_files():
 def get_config(config_file=DEFAULT_CONFIG, opts=()):
     """An unfrozen cfg from ``config_file`` with ``opts`` merged, on CPU when CUDA is absent."""
     return load_config(config_file, opts)
+
+
+def load_tool(name):
+    """``tools/<name>.py`` as a module: a script, as in detectron2's tools/ (the sal-detectron2
+    wheel owns the package name ``tools``)."""
+    path = os.path.join(REPO, "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ from detectron2.utils.events import EventStorage
 
 from cbam_hrnet_d2.fixed_work import REFERENCE, FixedProposals, load_cfg, synthetic_batch
 
-from .common import DEFAULT_CONFIG, REPO
+from .common import DEFAULT_CONFIG, REPO, load_tool
 
 BENCHMARK = os.path.join(REPO, "tools", "benchmark.py")
 
@@ -20,14 +19,6 @@ BENCHMARK = os.path.join(REPO, "tools", "benchmark.py")
 def main(argv):
     """``tools/benchmark.py`` as a user runs it."""
     subprocess.run([sys.executable, BENCHMARK, *argv], check=True, cwd=REPO)
-
-
-def _load_benchmark_module():
-    # a script, as in detectron2's tools/ (the sal-detectron2 wheel owns the name ``tools``)
-    spec = importlib.util.spec_from_file_location("benchmark_tool", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # a config with overrides in the same argument: the speed options off
@@ -121,7 +112,7 @@ class TestInterleavedTiming(unittest.TestCase):
             c: {"a_s": lambda c=c: calls.append(c + "a"), "b_s": lambda c=c: calls.append(c + "b")}
             for c in ("x", "y")
         }
-        seconds = _load_benchmark_module().time_interleaved(timed, iters=3)
+        seconds = load_tool("benchmark").time_interleaved(timed, iters=3)
         # a warm-up round, then 3 rounds, each config's first callable once untimed before its timed
         # calls
         self.assertEqual(calls, ["xa", "xb", "ya", "yb"] + ["xa", "xa", "xb", "ya", "ya", "yb"] * 3)

@@ -1,0 +1,201 @@
+"""Export a trained model by tracing (TorchScript, ONNX) and run the exported files as detectron2
+models (``tools/export_model.py`` is the command line).
+
+The exported model is what detectron2's traced Mask R-CNN is: it takes one image tensor (C, H, W),
+float, channels in ``INPUT.FORMAT`` order, already resized for the test (``INPUT.MIN_SIZE_TEST`` /
+``MAX_SIZE_TEST``), and returns, for N detections, ``boxes`` (N, 4) in the input's pixels,
+``classes`` (N,), ``masks`` (N, 1, M, M) mask-head probabilities (M = 2 x
+``ROI_MASK_HEAD.POOLER_RESOLUTION``), ``scores`` (N,) and ``image_size`` (2,). Scaling the boxes to
+the original image and pasting the masks (:func:`detectron2.modeling.postprocessing.
+detector_postprocess`) stay outside the graph, in fp32, as in detectron2. Any input size and any
+number of detections (0 included): everything with data-dependent shapes takes a traceable path
+while tracing (``SparseROIAlign`` runs torchvision's RoIAlign; GroupNorm is written with explicit
+sizes; the BN-folded trunk's weights become constants of the graph).
+"""
+
+import copy
+import logging
+import os
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+from detectron2.data import transforms as T
+from detectron2.data.detection_utils import read_image
+from detectron2.export import TracingAdapter
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, Instances
+from torch import nn
+
+from .files import atomic_write
+
+__all__ = [
+    "FORMATS",
+    "OUTPUT_NAMES",
+    "load_sample_image",
+    "export",
+    "load_exported",
+    "TorchScriptModel",
+    "OnnxRuntimeModel",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx"}
+# the graph's outputs, in detectron2's flattening order of the Instances fields (checked at export)
+OUTPUT_NAMES = ["boxes", "classes", "masks", "scores", "image_size"]
+_FIELDS = ["pred_boxes", "pred_classes", "pred_masks", "scores"]
+ONNX_OPSET = 17
+
+
+def load_sample_image(cfg, path: str) -> torch.Tensor:
+    """``path`` read in ``cfg.INPUT.FORMAT``, resized as the test loader does: (C, H, W) float."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--sample-image {path}: no such file. Give an image the model will see (any size: the "
+            "exported model takes every size), e.g. one of the test set's images."
+        )
+    image = read_image(path, format=cfg.INPUT.FORMAT)
+    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    image = aug.get_transform(image).apply_image(image)
+    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"))
+
+
+class _ExportableGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters, same function) whose exported graph holds for a batch of
+    zero, as in the mask head of an image without detections. torch.onnx writes GroupNorm as a
+    reshape to (N, G, -1), and ONNX Runtime's optimizer turns any reshape of the batch into one with
+    a -1, which cannot be resolved when N is 0. Here no reshape touches the batch: group statistics
+    are per-channel means times a (C, G) group-membership matrix (two passes, as GroupNorm)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        c, g = self.num_channels, self.num_groups
+        member = torch.arange(c)[:, None] // (c // g) == torch.arange(g)[None, :]
+        self.register_buffer("_member", member.float() / (c // g), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(2, x.dim()))
+        member = self._member.to(x.dtype)
+
+        def per_channel(group_stat):  # (N, G) -> (N, C, 1, ..., 1)
+            t = group_stat @ (member.t() * (self.num_channels // self.num_groups))
+            for _ in dims:
+                t = t.unsqueeze(-1)
+            return t
+
+        centered = x - per_channel(x.mean(dims) @ member)
+        var = (centered * centered).mean(dims) @ member
+        y = centered * per_channel(torch.rsqrt(var + self.eps))
+        if self.affine:
+            shape = (1, self.num_channels) + (1,) * len(dims)
+            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return y
+
+
+def _exportable(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``nn.GroupNorm`` an :class:`_ExportableGroupNorm`."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.GroupNorm:
+                new = _ExportableGroupNorm(
+                    child.num_groups, child.num_channels, child.eps, child.affine
+                )
+                new.load_state_dict(child.state_dict())
+                setattr(parent, name, new)
+    return model
+
+
+def _inference(model, inputs):
+    # detectron2's export recipe: the RoI masks, not pasted (that is postprocessing)
+    return [{"instances": model.inference(inputs, do_postprocess=False)[0]}]
+
+
+def export(model, image: torch.Tensor, fmt: str, output_dir: str) -> str:
+    """Trace ``model`` (eval mode) on ``image`` and write ``output_dir/model.ts`` or
+    ``model.onnx`` (atomically). Returns the path."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r} is not supported; allowed values: {list(FORMATS)}")
+    model = _exportable(model).eval()
+    adapter = TracingAdapter(model, [{"image": image}], _inference).eval()
+    path = os.path.join(output_dir, FORMATS[fmt])
+    os.makedirs(output_dir, exist_ok=True)
+    with torch.no_grad():
+        adapter(image)  # fills the adapter's output schema
+        keys = adapter.outputs_schema.schemas[0].schemas[0].keys
+        assert keys == _FIELDS, f"the model returns {keys}, the exported graph expects {_FIELDS}"
+        if fmt == "torchscript":
+            traced = torch.jit.trace(adapter, (image,))
+            atomic_write(path, lambda f: torch.jit.save(traced, f))
+        else:
+            per_detection = {name: {0: "detections"} for name in OUTPUT_NAMES[:4]}
+            atomic_write(
+                path,
+                lambda f: torch.onnx.export(
+                    adapter,
+                    (image,),
+                    f,
+                    opset_version=ONNX_OPSET,
+                    dynamo=False,
+                    input_names=["image"],
+                    output_names=OUTPUT_NAMES,
+                    dynamic_axes={"image": {1: "height", 2: "width"}, **per_detection},
+                ),
+            )
+    logger.info("Exported %s (inputs: image (C, H, W); outputs: %s)", path, OUTPUT_NAMES)
+    return path
+
+
+class _ExportedModel:
+    """A detectron2-style callable over an exported file: ``model([{"image", "height", "width"}])``
+    returns ``[{"instances": Instances}]`` at the original size, masks pasted."""
+
+    def run(self, image: torch.Tensor) -> Sequence[torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, inputs: List[Dict]) -> List[Dict]:
+        outputs = []
+        for item in inputs:
+            boxes, classes, masks, scores, size = self.run(item["image"].float())
+            inst = Instances(tuple(int(s) for s in size))
+            inst.pred_boxes, inst.pred_classes = Boxes(boxes), classes.long()
+            inst.pred_masks, inst.scores = masks, scores
+            h, w = item.get("height", inst.image_size[0]), item.get("width", inst.image_size[1])
+            outputs.append({"instances": detector_postprocess(inst, h, w)})
+        return outputs
+
+
+class TorchScriptModel(_ExportedModel):
+    def __init__(self, path: str):
+        self.module = torch.jit.load(path, map_location="cpu").eval()
+
+    def run(self, image):
+        with torch.no_grad():
+            return self.module(image)
+
+
+class OnnxRuntimeModel(_ExportedModel):
+    def __init__(self, path: str, threads: int = 0):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ImportError(
+                "ONNX Runtime is not installed: pip install -e .[deploy] (make setup does it)"
+            ) from e
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def run(self, image):
+        outputs = self.session.run(OUTPUT_NAMES, {"image": image.numpy()})
+        return [torch.from_numpy(o) for o in outputs]
+
+
+def load_exported(path: str) -> _ExportedModel:
+    """:class:`TorchScriptModel` for ``*.ts``, :class:`OnnxRuntimeModel` for ``*.onnx``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such exported model (tools/export_model.py writes it)")
+    if path.endswith(".onnx"):
+        return OnnxRuntimeModel(path)
+    return TorchScriptModel(path)

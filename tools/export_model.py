@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""
+Export a trained model to TorchScript or ONNX by tracing, as detectron2's
+tools/deploy/export_model.py does:
+
+    python tools/export_model.py \
+        --config-file configs/shapes/mask_rcnn_CBAM_HRNet_W18_FPN_shapes.yaml \
+        --format onnx --output output/export --run-eval \
+        MODEL.WEIGHTS output/quickstart/model_final.pth
+
+Writes OUTPUT/model.ts or OUTPUT/model.onnx. What the exported model takes and returns:
+cbam_hrnet_d2/export.py. ``--run-eval`` evaluates the exported file (TorchScript, or ONNX Runtime on
+the CPU) on the config's first test dataset and prints COCO AP, as ``train_net.py --eval-only``.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+from detectron2.data import DatasetCatalog
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+
+from cbam_hrnet_d2.checkpoint import SafeCheckpointer
+from cbam_hrnet_d2.config import load_config
+from cbam_hrnet_d2.cpu import set_cpu_threads
+from cbam_hrnet_d2.data import check_datasets, register_from_cfg
+from cbam_hrnet_d2.data_loader import build_test_loader
+from cbam_hrnet_d2.export import FORMATS, export, load_exported, load_sample_image
+
+logger = logging.getLogger("cbam_hrnet_d2.export_model")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Export a model for deployment.")
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
+    parser.add_argument("--format", choices=list(FORMATS), default="torchscript")
+    parser.add_argument("--export-method", choices=["tracing"], default="tracing")
+    parser.add_argument(
+        "--sample-image",
+        default=None,
+        help="image to trace with (default: the first image of the first test dataset)",
+    )
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument(
+        "--run-eval",
+        action="store_true",
+        help="evaluate the exported model on DATASETS.TEST[0] and print COCO AP",
+    )
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = get_parser().parse_args(argv)
+    setup_logger()
+    setup_logger(name="cbam_hrnet_d2")
+    cfg = load_config(args.config_file, args.opts)
+    cfg.MODEL.DEVICE = "cpu"  # exported for the CPU runtimes (TorchScript, ONNX Runtime)
+    cfg.freeze()
+    if not cfg.MODEL.WEIGHTS:
+        raise ValueError(
+            "MODEL.WEIGHTS is empty: give the trained checkpoint to export, e.g. "
+            "MODEL.WEIGHTS output/quickstart/model_final.pth"
+        )
+    set_cpu_threads(cfg.MODEL.DEVICE)
+    register_from_cfg(cfg)
+    model = build_model(cfg).eval()
+    SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+
+    if args.sample_image:
+        image = load_sample_image(cfg, args.sample_image)
+    else:
+        check_datasets(cfg)
+        if not cfg.DATASETS.TEST:
+            raise ValueError("DATASETS.TEST is empty: give --sample-image")
+        image = load_sample_image(cfg, DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]["file_name"])
+    path = export(model, image, args.format, args.output)
+
+    if not args.run_eval:
+        return {}
+    check_datasets(cfg)
+    dataset = cfg.DATASETS.TEST[0]
+    evaluator = COCOEvaluator(dataset, output_dir=os.path.join(args.output, "eval_" + args.format))
+    results = inference_on_dataset(load_exported(path), build_test_loader(cfg, dataset), evaluator)
+    logger.info("COCO AP of %s on %s:", path, dataset)
+    print_csv_format(results)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        logging.getLogger("cbam_hrnet_d2.export_model").error("%s", e)
+        sys.exit(f"export_model.py: {e}")
