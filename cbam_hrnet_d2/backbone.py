@@ -23,9 +23,11 @@ from .hrnet import (
     freeze_hrnet_stages,
     recompute_hrnet_modules,
 )
+from .precision import PRECISIONS, autocast_dtype, check_precision
 
 __all__ = [
     "CBAMHRNet",
+    "HRNetFPN",
     "CBAMFPN",
     "hrnet_fpn",
     "build_cbam_hrnet_backbone",
@@ -142,14 +144,41 @@ class CBAMHRNet(Backbone):
         return outputs
 
 
-class CBAMFPN(FPN):
-    """Detectron2's :class:`FPN` with one :class:`CBAM` block on each output (p2..p6)."""
+class HRNetFPN(FPN):
+    """detectron2's :class:`FPN` that runs in ``precision`` (:mod:`.precision`, ``TEST.PRECISION``)
+    in eval mode: bottom-up network and FPN under autocast, outputs cast back to float32."""
+
+    def __init__(self, *, precision: str = "fp32", **fpn_kwargs):
+        """
+        Args:
+            precision (str): "fp32", "bf16", "fp16" (CUDA) or "auto"; see :mod:`.precision`.
+            fpn_kwargs: arguments of :class:`FPN`.
+        """
+        super().__init__(**fpn_kwargs)
+        _check_choice("precision (TEST.PRECISION)", precision, PRECISIONS)
+        self.precision = precision
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        dtype = None if self.training else autocast_dtype(self.precision, x)
+        if dtype is None:
+            return self.features(x)
+        with torch.autocast(x.device.type, dtype=dtype):
+            outputs = self.features(x)
+        return {name: f.float() for name, f in outputs.items()}
+
+    def features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The FPN's outputs, in the caller's precision."""
+        return super().forward(x)
+
+
+class CBAMFPN(HRNetFPN):
+    """:class:`HRNetFPN` with one :class:`CBAM` block on each output (p2..p6)."""
 
     def __init__(self, *, cbam_reduction: int = 16, cbam_kernel_size: int = 7, **fpn_kwargs):
         """
         Args:
             cbam_reduction, cbam_kernel_size: as in :class:`CBAM`.
-            fpn_kwargs: arguments of :class:`FPN`.
+            fpn_kwargs: arguments of :class:`HRNetFPN`.
         """
         super().__init__(**fpn_kwargs)
         self.cbam = nn.ModuleDict(
@@ -159,8 +188,8 @@ class CBAMFPN(FPN):
             }
         )
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return {name: self.cbam[name](f) for name, f in super().forward(x).items()}
+    def features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {name: self.cbam[name](f) for name, f in super().features(x).items()}
 
 
 def hrnet_fpn(
@@ -171,16 +200,16 @@ def hrnet_fpn(
     cbam_kernel_size: int = 7,
     **fpn_kwargs,
 ) -> FPN:
-    """detectron2's :class:`FPN` over a :class:`CBAMHRNet` (or :class:`CBAMFPN` with
-    ``cbam_on_outputs``), channels-last like its bottom-up network. Used by
+    """:class:`HRNetFPN` (detectron2's FPN with TEST.PRECISION) over a :class:`CBAMHRNet`, or
+    :class:`CBAMFPN` with ``cbam_on_outputs``, channels-last like its bottom-up network. Used by
     :func:`build_cbam_hrnet_fpn_backbone` and the LazyConfig files (``configs/lazy``).
 
     Args:
         bottom_up (CBAMHRNet): the trunk.
         cbam_on_outputs (bool): one CBAM block on each FPN output (p2..p6).
         cbam_reduction, cbam_kernel_size: as in :class:`CBAM`.
-        fpn_kwargs: the other arguments of :class:`FPN` (in_features, out_channels, norm,
-            top_block, fuse_type).
+        fpn_kwargs: the other arguments of :class:`HRNetFPN` (precision, in_features,
+            out_channels, norm, top_block, fuse_type).
     """
     if cbam_on_outputs:
         fpn = CBAMFPN(
@@ -190,7 +219,7 @@ def hrnet_fpn(
             **fpn_kwargs,
         )
     else:
-        fpn = FPN(bottom_up=bottom_up, **fpn_kwargs)
+        fpn = HRNetFPN(bottom_up=bottom_up, **fpn_kwargs)
     if getattr(bottom_up, "channels_last", False):
         fpn.to(memory_format=torch.channels_last)  # FPN convs too; outputs stay NHWC
     return fpn
@@ -325,6 +354,7 @@ def build_cbam_hrnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         FPN: outputs p2..p6.
     """
     enabled, position = cfg.MODEL.CBAM.ENABLED, cfg.MODEL.CBAM.POSITION
+    check_precision(cfg.TEST.PRECISION, cfg.MODEL.DEVICE)
     bottom_up = _build_trunk(cfg, input_shape, cbam_on_branches=enabled and position == "branches")
     on_outputs = enabled and position == "fpn"
     backbone = hrnet_fpn(
@@ -337,6 +367,7 @@ def build_cbam_hrnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         norm=cfg.MODEL.FPN.NORM,
         top_block=LastLevelMaxPool(),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        precision=cfg.TEST.PRECISION,
     )
     sites = list(backbone.cbam) if on_outputs else list(bottom_up.cbam)
     _log_built(cfg, backbone, sites)

@@ -68,6 +68,12 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # training from scratch, e.g. the CPU shapes recipe). Both use SOLVER.BASE_LR and WEIGHT_DECAY*.
     _C.SOLVER.OPTIMIZER = "SGD"
 
+    # Precision of inference (eval mode) of the backbone + FPN: "fp32"; "bf16" (autocast; RPN,
+    # heads, box decoding, NMS, RoIAlign sampling and mask pasting stay fp32); "fp16" (CUDA only);
+    # "auto": bf16 on a CPU with native bf16 (AVX512-BF16 / AMX) for inputs of at least
+    # AUTO_BF16_MIN_PIXELS (cbam_hrnet_d2/precision.py, where it pays), else fp32.
+    _C.TEST.PRECISION = "auto"
+
 
 def load_config(config_file: str, opts: Sequence[str] = ()):
     """``get_cfg()`` + :func:`add_cbam_hrnet_config` + the YAML + ``KEY VALUE`` overrides; without

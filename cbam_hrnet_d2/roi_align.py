@@ -26,6 +26,8 @@ from detectron2.layers import ROIAlign
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from torch import nn
 
+from .precision import is_exporting
+
 __all__ = ["SparseROIAlign", "SparseROIAlignROIHeads", "use_sparse_roi_align", "roi_align_matrix"]
 
 
@@ -109,24 +111,13 @@ def roi_align_matrix(
         )
 
 
-def _exporting() -> bool:
-    """True while torch.jit traces or scripts, torch.onnx exports, or torch.compile / torch.export
-    capture a graph."""
-    return (
-        torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_compiling()
-    )
-
-
 class SparseROIAlign(ROIAlign):
     """detectron2's :class:`~detectron2.layers.ROIAlign` (same arguments, same results) computed as
     a sparse matrix product on the CPU; see the module docstring."""
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         if (
-            _exporting()  # first: the others would become constants of a traced graph
+            is_exporting()  # first: the others would become constants of a traced graph
             or input.is_cuda
             or input.dtype not in (torch.float32, torch.float64)
             or rois.numel() == 0

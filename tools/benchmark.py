@@ -12,8 +12,14 @@ head, so that random-init models do the same work); training s/iter (median afte
 steps, which page the process's memory in) and peak RSS at --train-batch, in a fresh process each,
 with the RPN's proposals replaced by the same fixed boxes (its losses kept: a random-init RPN
 proposes anything from 0 boxes, as R50 does at 800 px, to its full top-k); achieved GMAC/s of the
-trunk as a fraction of the fp32 matmul peak measured in the same run. Writes benchmark.md and
-benchmark.json.
+trunk as a fraction of the matmul roof of the precision it runs in (fp32 or bf16 4096x4096 matmul,
+best of several, measured in the same run). Writes benchmark.md and benchmark.json.
+
+Precision: each row runs its config's TEST.PRECISION (give "cfg.yaml TEST.PRECISION bf16" for a
+row per precision). detectron2's R50-FPN runs as shipped, and once more with the treatment our
+backbone gets when the spec is ``R50+channels_last+bf16``: backbone + FPN channels-last and under
+bf16 autocast, float32 outputs. Rows that differ from another only in inference precision are not
+trained again (training runs fp32 either way).
 """
 
 import argparse
@@ -26,7 +32,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from detectron2.modeling import build_model
+from detectron2.modeling import Backbone, build_model
 from detectron2.utils.analysis import FlopCountAnalysis
 from detectron2.utils.events import EventStorage
 from tabulate import tabulate
@@ -42,8 +48,36 @@ from cbam_hrnet_d2.fixed_work import (
 )
 from cbam_hrnet_d2.fold_bn import batchnorm_unfolded
 from cbam_hrnet_d2.memory import peak_rss_mib
+from cbam_hrnet_d2.precision import autocast_dtype
 
 logger = logging.getLogger("cbam_hrnet_d2.benchmark")
+
+# detectron2's R50-FPN given our backbone's treatment: channels-last, bf16 autocast
+REFERENCE_BF16 = "R50+channels_last+bf16"
+
+
+class _Autocast(Backbone):
+    """A backbone run under bf16 autocast with float32 outputs, as TEST.PRECISION bf16 runs ours."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.inner = backbone
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = self.inner(x)
+        return {k: v.float() for k, v in out.items()}
+
+    def output_shape(self):
+        return self.inner.output_shape()
+
+    @property
+    def size_divisibility(self):
+        return self.inner.size_divisibility
+
+    @property
+    def padding_constraints(self):
+        return self.inner.padding_constraints
 
 
 def _seconds(fn: Callable[[], object], iters: int) -> List[float]:
@@ -57,10 +91,11 @@ def _seconds(fn: Callable[[], object], iters: int) -> List[float]:
     return times
 
 
-def matmul_peak_gmacs(n: int = 2048, iters: int = 20) -> float:
-    """Best rate of an n x n fp32 matmul over ``iters`` runs: a peak, so the fastest run, which a
-    moment of other load on the machine cannot lower (a median once read 47 instead of 112)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gmacs(n: int = 4096, iters: int = 6, dtype=torch.float32) -> float:
+    """Best rate of an n x n matmul in ``dtype`` over ``iters`` runs: a roof, so the fastest run,
+    which a moment of other load on the machine cannot lower (a median once read 47 instead of 112).
+    4096: smaller products do not saturate the cores (2048 fp32 read about half of 4096's rate)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return n**3 / min(_seconds(lambda: torch.mm(a, b), iters)) / 1e9
 
 
@@ -128,7 +163,8 @@ def prepare_inference(config: str, h: int, w: int, opts: Sequence[str] = ()):
     GMACs. Returns (row, {"backbone_fpn_s" / "trunk_s" / "model_s": callable running that part on
     one image})."""
     torch.manual_seed(0)
-    cfg = load_cfg(config, opts)
+    treated = config == REFERENCE_BF16
+    cfg = load_cfg(REFERENCE if treated else config, opts)
     model = build_model(cfg).eval()
     image = torch.rand(3, h, w) * 255
     x = model.preprocess_image([{"image": image}]).tensor
@@ -136,22 +172,35 @@ def prepare_inference(config: str, h: int, w: int, opts: Sequence[str] = ()):
     # the bottom-up network as the model runs it (for HRNet: the trunk, BN-folded in eval mode when
     # MODEL.HRNET.FOLD_BN, plus any CBAM on its branches)
     trunk = getattr(model.backbone, "bottom_up", model.backbone)
+    if treated:
+        model.backbone.to(memory_format=torch.channels_last)
+        model.backbone = _Autocast(model.backbone)
+        dtype = torch.bfloat16
+    else:
+        # TEST.PRECISION as the backbone applies it (detectron2's own backbones run fp32)
+        dtype = autocast_dtype(getattr(model.backbone, "precision", "fp32"), x)
     whole = FixedWork(model, h, w)
     row: Dict[str, float] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    row["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
 
     def gmac(module, inputs):
         count = FlopCountAnalysis(module, inputs).unsupported_ops_warnings(False)
         return count.uncalled_modules_warnings(False).total() / 1e9
 
     # the architecture's count: BatchNorms unfolded (MODEL.HRNET.FOLD_BN's view is no submodule,
-    # which fvcore's per-module bookkeeping cannot follow)
+    # which fvcore's per-module bookkeeping cannot follow), float32 (FlopCountAnalysis traces)
     with batchnorm_unfolded(model):
         row["backbone_fpn_GMAC"] = gmac(model.backbone, x)
         row["trunk_GMAC"] = gmac(trunk, x)
         row["model_GMAC"] = gmac(whole, x)
+
+    def run_trunk():  # in the precision the backbone runs it
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            return trunk(x)
+
     timed = {
         "backbone_fpn_s": lambda: model.backbone(x),
-        "trunk_s": lambda: trunk(x),
+        "trunk_s": run_trunk,
         "model_s": lambda: whole(x),
     }
     return row, timed
@@ -183,6 +232,13 @@ def time_interleaved(
         spec: {key: statistics.median(v) for key, v in keys.items()}
         for spec, keys in samples.items()
     }
+
+
+def _trains_differently(spec: str) -> bool:
+    """False for rows whose training is another row's: inference precision (TEST.*) or the
+    reference's inference treatment."""
+    _, *opts = spec.split()
+    return spec != REFERENCE_BF16 and not any(k.startswith("TEST.") for k in opts[::2])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -225,7 +281,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     heap = not args.mmap_large_allocations and keep_large_allocations_in_heap()
     h, w = args.size
     peak = matmul_peak_gmacs()
-    logger.info("fp32 matmul peak on %d threads: %.1f GMAC/s", args.threads, peak)
+    peak_bf16 = matmul_peak_gmacs(dtype=torch.bfloat16)
+    logger.info(
+        "matmul roof on %d threads: fp32 %.1f, bf16 %.1f GMAC/s", args.threads, peak, peak_bf16
+    )
     configs = [REFERENCE] + [c for c in args.configs if c != REFERENCE]
     rows, timed = {}, {}
     for i, spec in enumerate(configs):
@@ -237,9 +296,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         logger.info("  %s: %s", spec, {k: round(v, 3) for k, v in seconds.items()})
     del timed  # free the models before the training processes start
     start = time.time()
-    for i, spec in enumerate(configs):
-        eta = (time.time() - start) / i * (len(configs) - i) if i else float("nan")
-        logger.info("[%d/%d] training %s (ETA %.0f s)", i + 1, len(configs), spec, eta)
+    trained = [s for s in configs if _trains_differently(s)]
+    for i, spec in enumerate(trained):
+        eta = (time.time() - start) / i * (len(trained) - i) if i else float("nan")
+        logger.info("[%d/%d] training %s (ETA %.0f s)", i + 1, len(trained), spec, eta)
         config, *opts = spec.split()
         rows[spec].update(
             measure_training(
@@ -255,16 +315,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             )
         )
     for row in rows.values():
-        row["trunk_peak_fraction"] = row["trunk_GMAC"] / row["trunk_s"] / peak
+        roof = peak_bf16 if row["precision"] == "bf16" else peak
+        row["trunk_peak_fraction"] = row["trunk_GMAC"] / row["trunk_s"] / roof
     ref = rows[REFERENCE]
     for row in rows.values():
         row["backbone_fpn_speedup_vs_R50"] = ref["backbone_fpn_s"] / row["backbone_fpn_s"]
         row["model_speedup_vs_R50"] = ref["model_s"] / row["model_s"]
+        if REFERENCE_BF16 in rows:  # against R50 given the same channels-last + bf16 treatment
+            treated = rows[REFERENCE_BF16]
+            row["backbone_fpn_speedup_vs_R50_bf16"] = (
+                treated["backbone_fpn_s"] / row["backbone_fpn_s"]
+            )
     os.makedirs(args.out, exist_ok=True)
     meta = {
         "size": [h, w],
         "threads": args.threads,
         "matmul_peak_GMACs": peak,
+        "matmul_peak_GMACs_bf16": peak_bf16,
         "iters": args.iters,
         "train_batch": args.train_batch,
         "train_iters": args.train_iters,
@@ -275,13 +342,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     with open(os.path.join(args.out, "benchmark.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     table = [
-        {"config": os.path.basename(c), **{k: round(v, 3) for k, v in r.items()}}
+        {
+            "config": os.path.basename(c),
+            **{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()},
+        }
         for c, r in rows.items()
     ]
     for row in table:  # "a/b.yaml KEY VALUE" -> "b.yaml KEY VALUE"
         row["config"] = " ".join(part.split("/")[-1] for part in row["config"].split())
     md = (
-        f"Size {h}x{w}, {args.threads} threads, fp32 matmul peak {peak:.1f} GMAC/s, large blocks "
+        f"Size {h}x{w}, {args.threads} threads, 4096x4096 matmul roof fp32 {peak:.1f} / bf16 "
+        f"{peak_bf16:.1f} GMAC/s, large blocks "
         f"{'in the heap' if heap else 'mmap()ed (glibc default)'}, train batch {args.train_batch} "
         f"({args.train_iters} timed steps after {args.train_warmup}, MODEL.RPN.POST_NMS_TOPK_TRAIN "
         "fixed proposals per image)\n\n" + tabulate(table, headers="keys", tablefmt="pipe")
