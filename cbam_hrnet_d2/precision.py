@@ -20,8 +20,9 @@ __all__ = [
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Padded input pixels (H x W) from which "auto" runs bf16 on the CPU. Measured on this project's
-# 2-core AVX512-BF16 CPU (docs/precision.md): backbone+FPN bf16 / fp32 time 1.20 at 128x192, 0.93 at
-# 256x384, 0.62 at 512x768, 0.52 at 800x1216.
+# 2-core AVX512-BF16 CPU, 2026-11-25 (docs/precision.md), backbone+FPN time bf16 / fp32: FrozenBN
+# trunk (folded) 0.93 at 128x192, 0.61 at 256x384, 0.51 at 800x1216; GroupNorm trunk + FPN (the
+# shapes recipe; autocast runs GroupNorm in fp32, casting around every norm) 1.37, 0.99, 0.81.
 AUTO_BF16_MIN_PIXELS = 256 * 384
 
 

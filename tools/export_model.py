@@ -16,8 +16,11 @@ the CPU) on the config's first test dataset and prints COCO AP, as ``train_net.p
 import argparse
 import logging
 import os
+import statistics
 import sys
+import time
 
+import torch
 from detectron2.data import DatasetCatalog
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model
@@ -49,8 +52,32 @@ def get_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate the exported model on DATASETS.TEST[0] and print COCO AP",
     )
+    parser.add_argument(
+        "--latency",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time the eager model and the exported file on the first N test images, interleaved "
+        "(median seconds per image, postprocessing included)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser
+
+
+def time_eager_and_exported(model, exported, inputs) -> dict:
+    """Median seconds per image of ``model`` and ``exported`` over ``inputs``, alternating per
+    image (so that drift of the machine hits both), after one untimed call of each."""
+    times = {"eager": [], "exported": []}
+    runners = {"eager": model, "exported": exported}
+    with torch.no_grad():
+        for run in runners.values():
+            run(inputs[:1])
+        for item in inputs:
+            for name, run in runners.items():
+                start = time.perf_counter()
+                run([item])
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> dict:
@@ -78,6 +105,23 @@ def main(argv=None) -> dict:
             raise ValueError("DATASETS.TEST is empty: give --sample-image")
         image = load_sample_image(cfg, DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]["file_name"])
     path = export(model, image, args.format, args.output)
+    if args.latency:
+        check_datasets(cfg)
+        dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])[: args.latency]
+        inputs = [
+            {
+                "image": load_sample_image(cfg, d["file_name"]),
+                "height": d["height"],
+                "width": d["width"],
+            }
+            for d in dicts
+        ]
+        seconds = time_eager_and_exported(model, load_exported(path), inputs)
+        logger.info(
+            "Latency on %d images of %s (%s): eager %.4f s, %s %.4f s (median per image)",
+            len(inputs), cfg.DATASETS.TEST[0], "x".join(map(str, inputs[0]["image"].shape[1:])),
+            seconds["eager"], args.format, seconds["exported"],
+        )  # fmt: skip
 
     if not args.run_eval:
         return {}

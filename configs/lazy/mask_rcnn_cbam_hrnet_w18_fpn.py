@@ -40,6 +40,7 @@ model.backbone = L(hrnet_fpn)(
     norm="",
     top_block=L(LastLevelMaxPool)(),
     fuse_type="sum",
+    precision="auto",  # TEST.PRECISION of the YAML configs (cbam_hrnet_d2/precision.py)
 )
 # detectron2's StandardROIHeads with the multi-threaded CPU RoIAlign (the YAML base's choice)
 model.roi_heads._target_ = SparseROIAlignROIHeads
