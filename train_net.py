@@ -18,6 +18,7 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from cbam_hrnet_d2.amp import cpu_amp_trainer
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
 from cbam_hrnet_d2.config import load_config, warn_if_frozen_norms_start_random
 from cbam_hrnet_d2.cpu import cpu_ddp_patch, set_cpu_threads
@@ -34,6 +35,8 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with cpu_ddp_patch():
             super().__init__(cfg)
+        # SOLVER.AMP on the CPU: bf16 autocast (detectron2's AMPTrainer is CUDA-only)
+        self._trainer = cpu_amp_trainer(cfg, self._trainer)
 
     def run_step(self):
         try:
