@@ -23,7 +23,7 @@ from .hrnet import (
     freeze_hrnet_stages,
     recompute_hrnet_modules,
 )
-from .precision import PRECISIONS, autocast_dtype, check_precision
+from .precision import PRECISIONS, autocast_dtype, check_precision, run_autocast
 
 __all__ = [
     "CBAMHRNet",
@@ -70,7 +70,7 @@ class CBAMHRNet(Backbone):
                 on CPU; same results).
             fold_bn (bool): in eval mode, run the trunk with its BatchNorms folded into the convs
                 (:class:`FoldedTrunk`; same results up to float rounding, gradients still reach
-                the trunk's weights, nothing cached).
+                the trunk's weights).
             activation_checkpointing (bool): in training, recompute each stage-2..4 HRNet module in
                 backward instead of keeping its activations (:func:`recompute_hrnet_modules`;
                 modules with a BatchNorm that is not frozen are left out, with one log line).
@@ -160,11 +160,7 @@ class HRNetFPN(FPN):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         dtype = None if self.training else autocast_dtype(self.precision, x)
-        if dtype is None:
-            return self.features(x)
-        with torch.autocast(x.device.type, dtype=dtype):
-            outputs = self.features(x)
-        return {name: f.float() for name, f in outputs.items()}
+        return run_autocast(self.features, x, dtype)
 
     def features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The FPN's outputs, in the caller's precision."""

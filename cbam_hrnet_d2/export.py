@@ -18,10 +18,8 @@ import logging
 import os
 from typing import Dict, List, Sequence
 
-import numpy as np
 import torch
-from detectron2.data import transforms as T
-from detectron2.data.detection_utils import read_image
+from detectron2.data import DatasetMapper
 from detectron2.export import TracingAdapter
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
@@ -49,16 +47,10 @@ ONNX_OPSET = 17
 
 
 def load_sample_image(cfg, path: str) -> torch.Tensor:
-    """``path`` read in ``cfg.INPUT.FORMAT``, resized as the test loader does: (C, H, W) float."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"--sample-image {path}: no such file. Give an image the model will see (any size: the "
-            "exported model takes every size), e.g. one of the test set's images."
-        )
-    image = read_image(path, format=cfg.INPUT.FORMAT)
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    image = aug.get_transform(image).apply_image(image)
-    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"))
+    """The image at ``path`` as detectron2's test-time ``DatasetMapper`` gives it to the model
+    (read in ``INPUT.FORMAT``, resized by ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``): (C, H, W)
+    float."""
+    return DatasetMapper(cfg, is_train=False)({"file_name": path})["image"].float()
 
 
 class _ExportableGroupNorm(nn.GroupNorm):

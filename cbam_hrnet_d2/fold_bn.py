@@ -1,12 +1,13 @@
 """BatchNorm folded into the preceding conv in eval mode (``MODEL.HRNET.FOLD_BN``).
 
 In eval mode a BatchNorm is a per-channel affine map, so ``bn(conv(x))`` equals one conv with scaled
-weights and a bias. :class:`FoldedTrunk` runs the trunk that way: at each eval-mode call every
-folded conv computes its weight from the trunk's live conv and BatchNorm (a per-channel product)
-and the BatchNorm is skipped. Nothing is cached, so the result follows every weight change
-(training steps, ``load_state_dict``, ``.to()``); autograd reaches the trunk's parameters through
-the fold, so eval-mode outputs do not depend on ``torch.is_grad_enabled()``; checkpoints and
-``state_dict`` never see the folded view.
+weights and a bias. :class:`FoldedTrunk` runs the trunk that way: every folded conv takes its
+weight from the trunk's live conv and BatchNorm (a per-channel product) and the BatchNorm is
+skipped. With autograd the product is computed in the call, so gradients reach the trunk's
+parameters; without, it is reused while no tensor of the trunk changed (training steps,
+``load_state_dict`` and ``.to()`` change them). The same operations either way, so eval-mode
+outputs do not depend on ``torch.is_grad_enabled()``; checkpoints and ``state_dict`` never see the
+folded view.
 
 Which BatchNorm follows which conv is read from the structure alone (:func:`conv_bn_pairs`), never
 guessed from registration order, so no run-time check is needed.
@@ -125,6 +126,7 @@ class FoldedTrunk:
     def __init__(self):
         self.pairs: List[Tuple[str, str]] = []
         self.view = None
+        self._convs: List[_FoldedConv] = []
         self._modules_key = None
         self._tensors_key = None
 
@@ -133,17 +135,17 @@ class FoldedTrunk:
         if modules_key != self._modules_key:
             self.pairs = conv_bn_pairs(trunk)
             self.view = _folded_view(trunk, self.pairs)
+            self._convs = [m for m in self.view.modules() if isinstance(m, _FoldedConv)]
             self._modules_key, self._tensors_key = modules_key, None
-        convs = [m for m in self.view.modules() if isinstance(m, _FoldedConv)]
         if torch.is_grad_enabled():
             self._tensors_key = None
-            for c in convs:
+            for c in self._convs:
                 c.folded = None
         else:
             tensors = list(trunk.parameters()) + list(trunk.buffers())
             key = [(t.data_ptr(), t._version) for t in tensors]
             if key != self._tensors_key:
-                for c in convs:
+                for c in self._convs:
                     c.folded = c.fold()
                 self._tensors_key = key
         return self.view(x)

@@ -8,6 +8,8 @@ enough for it to pay (:data:`AUTO_BF16_MIN_PIXELS`), fp32 elsewhere (CUDA includ
 there). While a model is traced or exported, it runs float32.
 """
 
+from typing import Dict
+
 import torch
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "check_precision",
     "autocast_dtype",
     "is_exporting",
+    "run_autocast",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -70,3 +73,13 @@ def autocast_dtype(precision: str, x: torch.Tensor):
         return torch.float16
     big = x.shape[-2] * x.shape[-1] >= AUTO_BF16_MIN_PIXELS
     return torch.bfloat16 if big and _native_bf16(x.device) else None
+
+
+def run_autocast(fn, x: torch.Tensor, dtype) -> Dict[str, torch.Tensor]:
+    """``fn(x)`` (a dict of feature maps) under autocast to ``dtype`` with float32 outputs, or
+    ``fn(x)`` itself when ``dtype`` is None."""
+    if dtype is None:
+        return fn(x)
+    with torch.autocast(x.device.type, dtype=dtype):
+        outputs = fn(x)
+    return {name: f.float() for name, f in outputs.items()}

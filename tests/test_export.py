@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from unittest import mock
 
 import cv2
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from detectron2.modeling import build_model
 
 from cbam_hrnet_d2.data import generate_shapes
-from cbam_hrnet_d2.export import load_exported, load_sample_image
+from cbam_hrnet_d2.export import FORMATS, load_exported, load_sample_image
 
 from .common import REPO, get_config, load_tool
 from .test_training import CONFIG, run_train_net
@@ -92,7 +93,7 @@ class TestExport(unittest.TestCase):
         out = os.path.join(self.tmp.name, fmt)
         args = ["--config-file", CONFIG, "--format", fmt, "--output", out, *extra]
         self.tool.main(args + self.data_opts + [str(o) for o in self.opts])
-        return os.path.join(out, {"torchscript": "model.ts", "onnx": "model.onnx"}[fmt])
+        return os.path.join(out, FORMATS[fmt])
 
     def check_equal_to_eager(self, fmt):
         path = self.export(fmt, "--sample-image", self.sample)
@@ -171,6 +172,18 @@ class TestExportErrors(unittest.TestCase):
                 ),
                 ([*base, "MODEL.WEIGHTS", ""], ["MODEL.WEIGHTS is empty"]),
                 ([*base, "MODEL.WEIGHTS", weights, "MODEL.NOPE", "1"], ["MODEL.NOPE"]),
+                (
+                    [
+                        *base,
+                        "MODEL.WEIGHTS",
+                        weights,
+                        "DATASETS.TRAIN",
+                        "()",
+                        "DATASETS.TEST",
+                        "()",
+                    ],
+                    ["DATASETS.TEST is empty: give --sample-image"],
+                ),
             ]
             for args, needles in cases:
                 with self.subTest(args=args[-2:]):
@@ -179,3 +192,14 @@ class TestExportErrors(unittest.TestCase):
                     for needle in needles:
                         self.assertIn(needle, proc.stderr)
                     self.assertFalse(os.path.exists(os.path.join(d, "model.ts")))
+
+    def test_loading_a_missing_file_or_without_onnxruntime_says_what_to_do(self):
+        with self.assertRaises(FileNotFoundError) as ctx:
+            load_exported("/nonexistent/model.onnx")
+        self.assertIn("/nonexistent/model.onnx", str(ctx.exception))
+        self.assertIn("tools/export_model.py", str(ctx.exception))
+        with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
+            with mock.patch.dict(sys.modules, {"onnxruntime": None}):
+                with self.assertRaises(ImportError) as ctx:
+                    load_exported(f.name)
+        self.assertIn("pip install -e .[deploy]", str(ctx.exception))

@@ -48,7 +48,7 @@ from cbam_hrnet_d2.fixed_work import (
 )
 from cbam_hrnet_d2.fold_bn import batchnorm_unfolded
 from cbam_hrnet_d2.memory import peak_rss_mib
-from cbam_hrnet_d2.precision import autocast_dtype
+from cbam_hrnet_d2.precision import autocast_dtype, run_autocast
 
 logger = logging.getLogger("cbam_hrnet_d2.benchmark")
 
@@ -64,9 +64,7 @@ class _Autocast(Backbone):
         self.inner = backbone
 
     def forward(self, x):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            out = self.inner(x)
-        return {k: v.float() for k, v in out.items()}
+        return run_autocast(self.inner, x, torch.bfloat16)
 
     def output_shape(self):
         return self.inner.output_shape()

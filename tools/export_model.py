@@ -82,6 +82,11 @@ def time_eager_and_exported(model, exported, inputs) -> dict:
 
 def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
+    if args.sample_image and not os.path.isfile(args.sample_image):
+        raise FileNotFoundError(
+            f"--sample-image {args.sample_image}: no such file. Give an image the model will see "
+            "(any size: the exported model takes every size), e.g. one of the test set's images."
+        )
     setup_logger()
     setup_logger(name="cbam_hrnet_d2")
     cfg = load_config(args.config_file, args.opts)
@@ -97,35 +102,33 @@ def main(argv=None) -> dict:
     model = build_model(cfg).eval()
     SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
 
-    if args.sample_image:
-        image = load_sample_image(cfg, args.sample_image)
-    else:
+    if not args.sample_image or args.latency or args.run_eval:
         check_datasets(cfg)
         if not cfg.DATASETS.TEST:
-            raise ValueError("DATASETS.TEST is empty: give --sample-image")
-        image = load_sample_image(cfg, DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]["file_name"])
+            raise ValueError(
+                "DATASETS.TEST is empty: give --sample-image (and no --latency/--run-eval)"
+            )
+        test_dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])
+    image = load_sample_image(cfg, args.sample_image or test_dicts[0]["file_name"])
     path = export(model, image, args.format, args.output)
     if args.latency:
-        check_datasets(cfg)
-        dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])[: args.latency]
         inputs = [
             {
                 "image": load_sample_image(cfg, d["file_name"]),
                 "height": d["height"],
                 "width": d["width"],
             }
-            for d in dicts
+            for d in test_dicts[: args.latency]
         ]
         seconds = time_eager_and_exported(model, load_exported(path), inputs)
         logger.info(
-            "Latency on %d images of %s (%s): eager %.4f s, %s %.4f s (median per image)",
+            "Latency on %d images of %s (HxW %s): eager %.4f s, %s %.4f s (median per image)",
             len(inputs), cfg.DATASETS.TEST[0], "x".join(map(str, inputs[0]["image"].shape[1:])),
             seconds["eager"], args.format, seconds["exported"],
         )  # fmt: skip
 
     if not args.run_eval:
         return {}
-    check_datasets(cfg)
     dataset = cfg.DATASETS.TEST[0]
     evaluator = COCOEvaluator(dataset, output_dir=os.path.join(args.output, "eval_" + args.format))
     results = inference_on_dataset(load_exported(path), build_test_loader(cfg, dataset), evaluator)
