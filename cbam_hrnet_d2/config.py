@@ -55,6 +55,18 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # p2..p6).
     _C.MODEL.CBAM.POSITION = "branches"
 
+    # Training only (SparseROIAlignROIHeads): the mask head trains on at most this many foreground
+    # proposals per image, drawn at random; the box head sees all of them. 0 = all (detectron2).
+    _C.MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE = 0
+
+    # Training augmentation for harder images than the data holds (cbam_hrnet_d2/augment.py): stretch,
+    # occlusion (cuts instance masks: needs INPUT.MASK_FORMAT "bitmask"), texture, low contrast,
+    # blur, sensor noise, JPEG.
+    _C.INPUT.HARD_AUG = CN()
+    _C.INPUT.HARD_AUG.ENABLED = False
+    # Probability of each of the seven corruptions, drawn independently per image; in [0, 1].
+    _C.INPUT.HARD_AUG.PROB = 0.15
+
     # Extra COCO-format datasets to register before building loaders: list of
     # [name, json_file, image_root]; the names can then be used in DATASETS.TRAIN / DATASETS.TEST.
     _C.DATASETS.REGISTER_COCO = []

@@ -30,8 +30,10 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
+from detectron2.data.detection_utils import build_augmentation
 from detectron2.engine import HookBase
 
+from .augment import hard_augmentations, with_rle_masks
 from .data_check import IMAGE_ERRORS
 
 __all__ = [
@@ -143,9 +145,9 @@ def choose_mask_format(cfg, dataset_dicts: List[dict]):
 
 
 def build_train_loader(cfg):
-    """detectron2's training loader over ``cfg.DATASETS.TRAIN`` with :func:`choose_mask_format` and
-    a :class:`RobustDatasetMapper` that skips bad images (recorded in
-    ``OUTPUT_DIR/bad_images.tsv``)."""
+    """detectron2's training loader over ``cfg.DATASETS.TRAIN`` with :func:`choose_mask_format`, a
+    :class:`RobustDatasetMapper` that skips bad images (recorded in ``OUTPUT_DIR/bad_images.tsv``)
+    and, with ``INPUT.HARD_AUG.ENABLED``, the augmentations of :mod:`cbam_hrnet_d2.augment`."""
     dicts = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN,
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
@@ -154,10 +156,22 @@ def build_train_loader(cfg):
         else 0,
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
     )
+    extra = {}
+    if cfg.INPUT.HARD_AUG.ENABLED:
+        # occlusion cuts instance masks: they travel as RLE (bitmask format); boxes follow the masks
+        dicts = [with_rle_masks(d) for d in dicts]
+        geometric, photometric = hard_augmentations(cfg.INPUT.HARD_AUG.PROB)
+        augmentations = geometric + build_augmentation(cfg, True) + photometric
+        extra = {"augmentations": augmentations, "recompute_boxes": cfg.MODEL.MASK_ON}
     cfg = choose_mask_format(cfg, dicts)
     bad_file = os.path.join(cfg.OUTPUT_DIR, BAD_IMAGES_FILE) if cfg.OUTPUT_DIR else None
     mapper = RobustDatasetMapper(
-        cfg, True, dataset_names=cfg.DATASETS.TRAIN, skip_bad_images=True, bad_images_file=bad_file
+        cfg,
+        True,
+        dataset_names=cfg.DATASETS.TRAIN,
+        skip_bad_images=True,
+        bad_images_file=bad_file,
+        **extra,
     )
     return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
 

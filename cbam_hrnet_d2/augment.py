@@ -1,0 +1,178 @@
+"""Training augmentation for images harder than the ones a dataset holds (``INPUT.HARD_AUG``):
+camera and codec corruptions, textured and low-contrast appearance, heavier occlusion and mildly
+stretched objects, each applied to a training image with probability ``INPUT.HARD_AUG.PROB``.
+
+All are detectron2 augmentations, run by detectron2's ``DatasetMapper`` with the default resize and
+flip. Photometric ones are ``ColorTransform``s (boxes and masks unchanged); the stretch is a
+``ResizeTransform`` (boxes and masks follow); occlusion paints opaque blobs over the image and
+removes the painted pixels from every instance mask, so the labels describe what is visible (boxes
+are then recomputed from the masks and instances left without pixels are dropped). Occlusion needs
+masks as pixels: :func:`with_rle_masks` turns polygon annotations into RLE, which detectron2
+transforms with ``apply_segmentation`` (``INPUT.MASK_FORMAT "bitmask"``).
+
+=========== ==========================================================================
+corruption  parameters (each drawn per image)
+=========== ==========================================================================
+stretch     width/height scaled by r and 1/r, r in [1, 1.35] or its inverse
+occlusion   1-3 blobs (3-9 vertices), radius 10-30% of the short side, plain or textured
+texture     a background texture of the shapes generator blended in at 20-50%
+contrast    detectron2's ``RandomContrast(0.35, 0.8)``
+blur        Gaussian, sigma 0.6-1.8 px
+noise       Gaussian sensor noise, sigma 4-20 (of 255), per pixel and channel
+jpeg        JPEG encode + decode, quality 10-60
+=========== ==========================================================================
+"""
+
+import math
+from functools import partial
+from typing import List, Tuple
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_util
+from detectron2.data import transforms as T
+from detectron2.data.transforms import Augmentation, ColorTransform, ResizeTransform
+from fvcore.transforms.transform import Transform
+
+from .shapes import _background
+
+__all__ = ["hard_augmentations", "with_rle_masks", "OcclusionTransform"]
+
+
+def _rng() -> np.random.Generator:
+    """A generator seeded from numpy's global RNG, which detectron2 seeds per data-loader worker."""
+    return np.random.default_rng(np.random.randint(2**31))
+
+
+def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED).reshape(img.shape)
+
+
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    return cv2.GaussianBlur(img, (0, 0), sigma)
+
+
+def _noise(img: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    noise = np.random.default_rng(seed).normal(0, sigma, img.shape)
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+
+def _blend(img: np.ndarray, texture: np.ndarray, alpha: float) -> np.ndarray:
+    return (img * (1 - alpha) + texture * alpha).astype(np.uint8)
+
+
+class _Photometric(Augmentation):
+    """``op(image, **params())`` as a ``ColorTransform``."""
+
+    def __init__(self, op, params):
+        super().__init__()
+        self.op, self.params = op, params
+
+    def get_transform(self, image):
+        return ColorTransform(partial(self.op, **self.params(image)))
+
+
+class RandomStretch(Augmentation):
+    def __init__(self, max_ratio: float = 1.35):
+        super().__init__()
+        self.max_ratio = max_ratio
+
+    def get_transform(self, image):
+        h, w = image.shape[:2]
+        r = math.sqrt(math.exp(np.random.uniform(-1, 1) * math.log(self.max_ratio)))
+        return ResizeTransform(h, w, max(1, round(h / r)), max(1, round(w * r)))
+
+
+class OcclusionTransform(Transform):
+    """Paint ``fill`` where ``occluder`` (H, W bool) is set; instance masks lose those pixels."""
+
+    def __init__(self, occluder: np.ndarray, fill: np.ndarray):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def apply_image(self, img):
+        out = img.copy()
+        out[self.occluder] = self.fill[self.occluder]
+        return out
+
+    def apply_coords(self, coords):
+        return coords
+
+    def apply_polygons(self, polygons):
+        raise ValueError(
+            "INPUT.HARD_AUG occlusion cuts instance masks, which polygons cannot express: use "
+            "INPUT.MASK_FORMAT 'bitmask' with RLE annotations (augment.with_rle_masks)."
+        )
+
+    def apply_segmentation(self, segmentation):
+        return np.where(self.occluder, 0, segmentation).astype(segmentation.dtype)
+
+
+class RandomOcclusion(Augmentation):
+    def get_transform(self, image):
+        h, w = image.shape[:2]
+        rng = _rng()
+        occluder = np.zeros((h, w), np.uint8)
+        for _ in range(int(rng.integers(1, 4))):
+            k = int(rng.integers(3, 10))
+            angles = np.sort(rng.uniform(0, 2 * math.pi, k))
+            radius = rng.uniform(0.1, 0.3) * min(h, w) * rng.uniform(0.6, 1.0, k)
+            centre = rng.uniform([0, 0], [w, h])
+            pts = centre + np.stack([radius * np.cos(angles), radius * np.sin(angles)], 1)
+            cv2.fillPoly(occluder, [np.round(pts).astype(np.int32)], 1)
+        if rng.random() < 0.5:
+            fill = _background(h, w, rng)
+        else:
+            fill = np.broadcast_to(rng.integers(0, 256, 3).astype(np.uint8), (h, w, 3))
+        if image.ndim == 2:
+            fill = fill[..., 0]
+        return OcclusionTransform(occluder.astype(bool), fill)
+
+
+def _texture_params(image) -> dict:
+    h, w = image.shape[:2]
+    texture = _background(h, w, _rng())
+    texture = texture if image.ndim == 3 else texture[..., 0]
+    return {"texture": texture, "alpha": np.random.uniform(0.2, 0.5)}
+
+
+def _blur_params(image) -> dict:
+    return {"sigma": np.random.uniform(0.6, 1.8)}
+
+
+def _noise_params(image) -> dict:
+    return {"sigma": np.random.uniform(4, 20), "seed": np.random.randint(2**31)}
+
+
+def _jpeg_params(image) -> dict:
+    return {"quality": int(np.random.randint(10, 61))}
+
+
+def hard_augmentations(prob: float) -> Tuple[List[Augmentation], List[Augmentation]]:
+    """(geometric, photometric) augmentations, each applied with probability ``prob``: the stretch
+    goes before detectron2's resize, the rest after it (the model sees each corruption at the size
+    it trains on)."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"INPUT.HARD_AUG.PROB must be in [0, 1], got {prob!r}.")
+    photometric = [
+        RandomOcclusion(),
+        _Photometric(_blend, _texture_params),
+        T.RandomContrast(0.35, 0.8),
+        _Photometric(_blur, _blur_params),
+        _Photometric(_noise, _noise_params),
+        _Photometric(_jpeg, _jpeg_params),
+    ]
+    return [T.RandomApply(RandomStretch(), prob)], [T.RandomApply(a, prob) for a in photometric]
+
+
+def with_rle_masks(dataset_dict: dict) -> dict:
+    """A copy of ``dataset_dict`` whose polygon instance masks are RLE (one per instance)."""
+    h, w = dataset_dict["height"], dataset_dict["width"]
+    annotations = []
+    for a in dataset_dict.get("annotations", []):
+        segm = a.get("segmentation")
+        if isinstance(segm, list):
+            a = dict(a, segmentation=mask_util.merge(mask_util.frPyObjects(segm, h, w)))
+        annotations.append(a)
+    return dict(dataset_dict, annotations=annotations)
