@@ -17,17 +17,11 @@ import logging
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import (
-    AMPTrainer,
-    SimpleTrainer,
-    default_argument_parser,
-    default_setup,
-    default_writers,
-    hooks,
-)
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
+from cbam_hrnet_d2.amp import trainer_class
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
 from cbam_hrnet_d2.cpu import create_ddp_model, set_cpu_threads
 from cbam_hrnet_d2.memory import MemoryMonitor
@@ -58,7 +52,9 @@ def do_train(args, cfg):
     optimizer = instantiate(cfg.optimizer)
     loader = ResumableLoader(instantiate(cfg.dataloader.train))
     model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, loader, optimizer)
+    # train.amp.enabled on the CPU: bf16 autocast steps (detectron2's AMPTrainer is CUDA-only)
+    trainer = trainer_class(cfg.train.amp.enabled, cfg.train.device)(model, loader, optimizer)
+    logger.info("Trainer: %s", type(trainer).__name__)
     checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.checkpointer = checkpointer  # the Preemption hook saves through it
     trainer.register_hooks(

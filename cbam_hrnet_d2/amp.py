@@ -7,9 +7,9 @@ lists); bf16 has fp32's exponent range, so gradients need no scaling.
 """
 
 import torch
-from detectron2.engine import SimpleTrainer
+from detectron2.engine import AMPTrainer, SimpleTrainer
 
-__all__ = ["CPUAMPTrainer", "cpu_amp_trainer"]
+__all__ = ["CPUAMPTrainer", "cpu_amp_trainer", "trainer_class"]
 
 
 class CPUAMPTrainer(SimpleTrainer):
@@ -33,3 +33,12 @@ def cpu_amp_trainer(cfg, trainer: SimpleTrainer) -> SimpleTrainer:
         zero_grad_before_forward=trainer.zero_grad_before_forward,
         async_write_metrics=trainer.async_write_metrics,
     )
+
+
+def trainer_class(amp_enabled: bool, device) -> type:
+    """The trainer for a LazyConfig's ``train.amp.enabled`` and ``train.device``:
+    :class:`CPUAMPTrainer` with AMP on the CPU, detectron2's ``AMPTrainer`` with AMP elsewhere,
+    ``SimpleTrainer`` without AMP."""
+    if not amp_enabled:
+        return SimpleTrainer
+    return CPUAMPTrainer if torch.device(device).type == "cpu" else AMPTrainer

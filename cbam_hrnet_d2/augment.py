@@ -25,7 +25,7 @@ jpeg        JPEG encode + decode, quality 10-60
 
 import math
 from functools import partial
-from typing import List, Tuple
+from typing import List
 
 import cv2
 import numpy as np
@@ -36,7 +36,7 @@ from fvcore.transforms.transform import Transform
 
 from .shapes import _background
 
-__all__ = ["hard_augmentations", "with_rle_masks", "OcclusionTransform"]
+__all__ = ["with_hard_augmentations", "with_rle_masks", "rle_mask_dicts", "OcclusionTransform"]
 
 
 def _rng() -> np.random.Generator:
@@ -149,10 +149,10 @@ def _jpeg_params(image) -> dict:
     return {"quality": int(np.random.randint(10, 61))}
 
 
-def hard_augmentations(prob: float) -> Tuple[List[Augmentation], List[Augmentation]]:
-    """(geometric, photometric) augmentations, each applied with probability ``prob``: the stretch
-    goes before detectron2's resize, the rest after it (the model sees each corruption at the size
-    it trains on)."""
+def with_hard_augmentations(augmentations: List[Augmentation], prob: float) -> List[Augmentation]:
+    """``augmentations`` (detectron2's resize and flip) with the seven corruptions, each applied
+    with probability ``prob``: the stretch before them, the rest after them (the model sees each
+    corruption at the size it trains on)."""
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"INPUT.HARD_AUG.PROB must be in [0, 1], got {prob!r}.")
     photometric = [
@@ -163,7 +163,8 @@ def hard_augmentations(prob: float) -> Tuple[List[Augmentation], List[Augmentati
         _Photometric(_noise, _noise_params),
         _Photometric(_jpeg, _jpeg_params),
     ]
-    return [T.RandomApply(RandomStretch(), prob)], [T.RandomApply(a, prob) for a in photometric]
+    apply = [T.RandomApply(a, prob) for a in photometric]
+    return [T.RandomApply(RandomStretch(), prob), *augmentations, *apply]
 
 
 def with_rle_masks(dataset_dict: dict) -> dict:
@@ -176,3 +177,8 @@ def with_rle_masks(dataset_dict: dict) -> dict:
             a = dict(a, segmentation=mask_util.merge(mask_util.frPyObjects(segm, h, w)))
         annotations.append(a)
     return dict(dataset_dict, annotations=annotations)
+
+
+def rle_mask_dicts(dicts: List[dict]) -> List[dict]:
+    """:func:`with_rle_masks` of every dataset dict."""
+    return [with_rle_masks(d) for d in dicts]

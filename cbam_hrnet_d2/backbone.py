@@ -55,6 +55,7 @@ class CBAMHRNet(Backbone):
         freeze_at: int = 0,
         channels_last: bool = False,
         fold_bn: bool = False,
+        compile_trunk: bool = False,
         activation_checkpointing: bool = False,
     ):
         """
@@ -71,6 +72,8 @@ class CBAMHRNet(Backbone):
             fold_bn (bool): in eval mode, run the trunk with its BatchNorms folded into the convs
                 (:class:`FoldedTrunk`; same results up to float rounding, gradients still reach
                 the trunk's weights).
+            compile_trunk (bool): with ``fold_bn``, run the folded trunk through ``torch.compile``
+                in eval mode without autograd (:class:`FoldedTrunk`).
             activation_checkpointing (bool): in training, recompute each stage-2..4 HRNet module in
                 backward instead of keeping its activations (:func:`recompute_hrnet_modules`;
                 modules with a BatchNorm that is not frozen are left out, with one log line).
@@ -104,7 +107,12 @@ class CBAMHRNet(Backbone):
                 )
         self.channels_last = channels_last
         self.fold_bn = fold_bn
-        self._folded = FoldedTrunk()
+        if compile_trunk and not fold_bn:
+            raise ValueError(
+                "compile_trunk (MODEL.HRNET.COMPILE) compiles the BN-folded trunk: it needs "
+                "fold_bn (MODEL.HRNET.FOLD_BN True)"
+            )
+        self._folded = FoldedTrunk(compile=compile_trunk)
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -297,6 +305,7 @@ def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRN
         freeze_at=freeze_at,
         channels_last=cfg.MODEL.HRNET.CHANNELS_LAST,
         fold_bn=cfg.MODEL.HRNET.FOLD_BN,
+        compile_trunk=cfg.MODEL.HRNET.COMPILE,
         activation_checkpointing=cfg.MODEL.HRNET.ACTIVATION_CHECKPOINTING,
     )
     if pretrained and cfg.MODEL.WEIGHTS:

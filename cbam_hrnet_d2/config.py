@@ -37,6 +37,10 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # In eval mode, run the trunk with its BatchNorms folded into the convs (computed from the live
     # weights at each call; same outputs up to float rounding). No effect with NORM "GN".
     _C.MODEL.HRNET.FOLD_BN = True
+    # With FOLD_BN, run the folded trunk through torch.compile in eval mode without autograd. Costs
+    # COMPILE_COST at the first input size and at the first new size; pays only for long inference
+    # runs (needs a C++ compiler; docs/precision.md).
+    _C.MODEL.HRNET.COMPILE = False
     # In training, keep only the inputs of each stage-2..4 HRNet module and recompute it in backward
     # (~1.3 GB less peak memory at 800x1216, batch 2, for ~10% more time per step). Applied with
     # FrozenBN/GN norms only: BatchNorm in training mode would update its statistics twice.
@@ -59,8 +63,8 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # proposals per image, drawn at random; the box head sees all of them. 0 = all (detectron2).
     _C.MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE = 0
 
-    # Training augmentation for harder images than the data holds (cbam_hrnet_d2/augment.py): stretch,
-    # occlusion (cuts instance masks: needs INPUT.MASK_FORMAT "bitmask"), texture, low contrast,
+    # Training augmentation for harder images than the data hold (cbam_hrnet_d2/augment.py):
+    # stretch, occlusion (cuts instance masks: INPUT.MASK_FORMAT "bitmask"), texture, low contrast,
     # blur, sensor noise, JPEG.
     _C.INPUT.HARD_AUG = CN()
     _C.INPUT.HARD_AUG.ENABLED = False

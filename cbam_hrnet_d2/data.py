@@ -118,10 +118,10 @@ def check_datasets(cfg) -> None:
                 "shapes_train, shapes_val, coco_2017_train, coco_2017_val, ..."
             )
         meta = MetadataCatalog.get(name)
-        if name.startswith("shapes_") and comm.is_main_process():
-            ensure_shapes(
-                os.path.dirname(os.path.dirname(meta.json_file)), [name[len("shapes_") :]]
-            )
+        split = name[len("shapes_") :]
+        if name.startswith("shapes_") and split in SHAPES_SPLITS and comm.is_main_process():
+            # a user's own dataset may be named shapes_* too: only the generator's splits
+            ensure_shapes(os.path.dirname(os.path.dirname(meta.json_file)), [split])
         comm.synchronize()
         for what in ("json_file", "image_root"):
             path = getattr(meta, what, None)

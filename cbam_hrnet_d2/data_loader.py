@@ -33,7 +33,7 @@ from detectron2.data import (
 from detectron2.data.detection_utils import build_augmentation
 from detectron2.engine import HookBase
 
-from .augment import hard_augmentations, with_rle_masks
+from .augment import rle_mask_dicts, with_hard_augmentations
 from .data_check import IMAGE_ERRORS
 
 __all__ = [
@@ -159,10 +159,9 @@ def build_train_loader(cfg):
     extra = {}
     if cfg.INPUT.HARD_AUG.ENABLED:
         # occlusion cuts instance masks: they travel as RLE (bitmask format); boxes follow the masks
-        dicts = [with_rle_masks(d) for d in dicts]
-        geometric, photometric = hard_augmentations(cfg.INPUT.HARD_AUG.PROB)
-        augmentations = geometric + build_augmentation(cfg, True) + photometric
-        extra = {"augmentations": augmentations, "recompute_boxes": cfg.MODEL.MASK_ON}
+        dicts = rle_mask_dicts(dicts)
+        augs = with_hard_augmentations(build_augmentation(cfg, True), cfg.INPUT.HARD_AUG.PROB)
+        extra = {"augmentations": augs, "recompute_boxes": cfg.MODEL.MASK_ON}
     cfg = choose_mask_format(cfg, dicts)
     bad_file = os.path.join(cfg.OUTPUT_DIR, BAD_IMAGES_FILE) if cfg.OUTPUT_DIR else None
     mapper = RobustDatasetMapper(

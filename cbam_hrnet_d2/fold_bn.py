@@ -23,6 +23,8 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .precision import is_exporting
+
 __all__ = ["conv_bn_pairs", "FoldedTrunk", "batchnorm_unfolded"]
 
 _NUMBERED = re.compile(r"^(conv|bn)(\d+)$")
@@ -121,11 +123,17 @@ class FoldedTrunk:
     of the owner's ``state_dict``). The folded view shares every module with the trunk and is
     rebuilt when the trunk's modules change (e.g. BatchNorms converted to FrozenBatchNorm2d).
     Without autograd the folded weights are computed once per version of the trunk's tensors (the
-    same operations, so the same numbers); with autograd, in every call."""
+    same operations, so the same numbers); with autograd, in every call.
 
-    def __init__(self):
+    With ``compile``, calls without autograd run the view through ``torch.compile`` (inductor; the
+    folded weights are inputs of the compiled graph, so new weights need no recompiling). Calls with
+    autograd, and calls while tracing or exporting, run it eagerly."""
+
+    def __init__(self, compile: bool = False):
+        self.compile = compile
         self.pairs: List[Tuple[str, str]] = []
         self.view = None
+        self._compiled = None
         self._convs: List[_FoldedConv] = []
         self._modules_key = None
         self._tensors_key = None
@@ -136,7 +144,7 @@ class FoldedTrunk:
             self.pairs = conv_bn_pairs(trunk)
             self.view = _folded_view(trunk, self.pairs)
             self._convs = [m for m in self.view.modules() if isinstance(m, _FoldedConv)]
-            self._modules_key, self._tensors_key = modules_key, None
+            self._modules_key, self._tensors_key, self._compiled = modules_key, None, None
         if torch.is_grad_enabled():
             self._tensors_key = None
             for c in self._convs:
@@ -148,6 +156,10 @@ class FoldedTrunk:
                 for c in self._convs:
                     c.folded = c.fold()
                 self._tensors_key = key
+            if self.compile and not is_exporting():
+                if self._compiled is None:
+                    self._compiled = torch.compile(self.view)
+                return self._compiled(x)
         return self.view(x)
 
 

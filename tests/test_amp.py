@@ -5,11 +5,11 @@ import itertools
 import unittest
 
 import torch
-from detectron2.engine import SimpleTrainer
+from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from cbam_hrnet_d2.amp import CPUAMPTrainer, cpu_amp_trainer
+from cbam_hrnet_d2.amp import CPUAMPTrainer, cpu_amp_trainer, trainer_class
 from cbam_hrnet_d2.fixed_work import synthetic_batch
 
 from .common import get_config
@@ -46,3 +46,9 @@ class TestCPUAMP(unittest.TestCase):
                 cfg = get_config(CONFIG, opts)
                 cfg.MODEL.DEVICE = opts[-1] if opts else "cpu"
                 self.assertIs(cpu_amp_trainer(cfg, base), base)
+
+    def test_lazy_trainer_class_follows_train_amp_and_the_device(self):
+        self.assertIs(trainer_class(False, "cpu"), SimpleTrainer)
+        self.assertIs(trainer_class(True, "cpu"), CPUAMPTrainer)
+        self.assertIs(trainer_class(True, "cuda"), AMPTrainer)
+        self.assertIs(trainer_class(False, "cuda:0"), SimpleTrainer)

@@ -118,8 +118,18 @@ class TestInterleavedTiming(unittest.TestCase):
         self.assertEqual(calls, ["xa", "xb", "ya", "yb"] + ["xa", "xa", "xb", "ya", "ya", "yb"] * 3)
         self.assertEqual(set(seconds), {"x", "y"})
         self.assertTrue(
-            all(set(v) == {"a_s", "b_s"} and min(v.values()) >= 0 for v in seconds.values())
+            all(
+                set(v) == {"first_calls_s", "a_s", "b_s"} and min(v.values()) >= 0
+                for v in seconds.values()
+            )
         )
+
+    def test_inference_only_rows_are_not_trained_again(self):
+        trains = load_tool("benchmark")._trains_differently
+        self.assertTrue(trains("a.yaml"))
+        self.assertTrue(trains("a.yaml MODEL.HRNET.FOLD_BN False"))
+        self.assertFalse(trains("a.yaml TEST.PRECISION fp32"))
+        self.assertFalse(trains("a.yaml MODEL.HRNET.COMPILE True"))
 
 
 def _child_peaks(queue):

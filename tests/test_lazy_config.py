@@ -118,7 +118,7 @@ class TestLazyConfigs(unittest.TestCase):
 
 
 class TestLazyTrainNet(unittest.TestCase):
-    def test_trains_two_iterations_on_shapes_and_prints_bbox_and_segm_ap(self):
+    def test_trains_two_iterations_on_shapes_with_cpu_amp_and_prints_bbox_and_segm_ap(self):
         with tempfile.TemporaryDirectory() as d:
             # tiny sets in the place of shapes_train / shapes_val ($DETECTRON2_DATASETS/shapes)
             generate_shapes(os.path.join(d, "shapes"), "train", 4, seed=11)
@@ -130,13 +130,14 @@ class TestLazyTrainNet(unittest.TestCase):
                 "--config-file", SHAPES_LAZY, "train.max_iter=2", "train.checkpointer.period=1",
                 f"train.output_dir={out}",
                 "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
-                "dataloader.test.num_workers=0",
+                "dataloader.test.num_workers=0", "train.amp.enabled=True",
             ]  # fmt: skip
             proc = subprocess.run(
                 cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
             )
             log = proc.stdout + proc.stderr
             self.assertEqual(proc.returncode, 0, log[-4000:])
+            self.assertIn("Trainer: CPUAMPTrainer", log)  # train.amp on the CPU: bf16 autocast
             self.assertIn("Evaluation results for bbox", log)
             self.assertIn("Evaluation results for segm", log)
             with open(os.path.join(out, "results.json")) as f:

@@ -277,3 +277,32 @@ class TestActivationCheckpointing(unittest.TestCase):
 
         on, off = self.pair()
         self.assertLess(kept_bytes(on), 0.5 * kept_bytes(off))
+
+
+class TestCompiledTrunk(unittest.TestCase):
+    def test_compiled_folded_trunk_gives_the_eager_outputs_and_follows_new_weights(self):
+        _, eager = build_pair()
+        fast = build_model(get_config(opts=["MODEL.HRNET.COMPILE", True])).eval()
+        x = torch.rand(1, 3, H, W) * 2 - 1
+        trunk = fast.backbone.bottom_up._folded
+        with torch.no_grad():
+            for scale in (1.0, 1.5):  # the compiled graph reads the new folded weights
+                state = eager.state_dict()
+                state = {
+                    k: v * scale if k.endswith("conv2.weight") else v for k, v in state.items()
+                }
+                eager.load_state_dict(state)
+                fast.load_state_dict(state)
+                a, b = eager.backbone(x), fast.backbone(x)
+                self.assertIsNotNone(trunk._compiled)
+                for name in a:
+                    # inductor fuses and reorders float32 operations: rounding-level differences
+                    assert_close(self, a[name], b[name])
+        # with autograd the trunk runs eagerly (the compiled graph has no backward)
+        out = fast.backbone(x)
+        self.assertTrue(all(v.requires_grad for v in out.values()))
+
+    def test_compile_without_fold_bn_names_both_keys(self):
+        cfg = get_config(opts=["MODEL.HRNET.COMPILE", True, "MODEL.HRNET.FOLD_BN", False])
+        with self.assertRaisesRegex(ValueError, r"MODEL.HRNET.COMPILE.*MODEL.HRNET.FOLD_BN True"):
+            build_model(cfg)

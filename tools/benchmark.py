@@ -16,10 +16,12 @@ trunk as a fraction of the matmul roof of the precision it runs in (fp32 or bf16
 best of several, measured in the same run). Writes benchmark.md and benchmark.json.
 
 Precision: each row runs its config's TEST.PRECISION (give "cfg.yaml TEST.PRECISION bf16" for a
-row per precision). detectron2's R50-FPN runs as shipped, and once more with the treatment our
-backbone gets when the spec is ``R50+channels_last+bf16``: backbone + FPN channels-last and under
-bf16 autocast, float32 outputs. Rows that differ from another only in inference precision are not
-trained again (training runs fp32 either way).
+row per precision) and trains under bf16 autocast with "SOLVER.AMP.ENABLED True" (fp32 otherwise).
+detectron2's R50-FPN runs as shipped, and once more with the treatment our backbone gets when the
+spec is ``R50+channels_last+bf16``: backbone + FPN channels-last and under bf16 autocast, float32
+outputs. Rows that differ from another only in inference-only keys (TEST.*, MODEL.HRNET.COMPILE)
+are not trained again. ``first_calls_s`` is the first call of each timed part together, start-up
+costs included (compiling with MODEL.HRNET.COMPILE).
 """
 
 import argparse
@@ -124,13 +126,16 @@ def _train_worker(
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
     data = synthetic_batch(batch, h, w)
     times = []
+    # SOLVER.AMP.ENABLED on the CPU: the whole step under bf16 autocast, as CPUAMPTrainer runs it
+    amp = cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu"
     with EventStorage():
         for i in range(warmup + iters):
             start = time.perf_counter()
-            loss = sum(model(data).values())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = sum(model(data).values())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     peak_mib = peak_rss_mib()
@@ -212,12 +217,16 @@ def time_interleaved(
     instead of whichever rows happened to run then. One untimed warm-up round first, and in every
     round one untimed call of a config's first callable before its timed ones, so that each is timed
     with its weights already in the caches, as when one model serves image after image (timed
-    cold, right after 7 other models, every row measured ~8% slower)."""
+    cold, right after 7 other models, every row measured ~8% slower). ``first_calls_s``: the
+    warm-up round of a config, all its callables once (start-up costs, e.g. compiling)."""
     samples = {spec: {key: [] for key in fns} for spec, fns in timed.items()}
+    first = {}
     with torch.inference_mode():
-        for fns in timed.values():
+        for spec, fns in timed.items():
+            start = time.perf_counter()
             for fn in fns.values():
                 fn()
+            first[spec] = time.perf_counter() - start
         for r in range(iters):
             logger.info("inference round %d/%d", r + 1, iters)
             for spec, fns in timed.items():
@@ -227,16 +236,20 @@ def time_interleaved(
                     fn()
                     samples[spec][key].append(time.perf_counter() - start)
     return {
-        spec: {key: statistics.median(v) for key, v in keys.items()}
+        spec: {"first_calls_s": first[spec], **{k: statistics.median(v) for k, v in keys.items()}}
         for spec, keys in samples.items()
     }
 
 
+# keys that change inference only: rows that differ from another only in these are not trained
+INFERENCE_ONLY = ("TEST.", "MODEL.HRNET.COMPILE")
+
+
 def _trains_differently(spec: str) -> bool:
-    """False for rows whose training is another row's: inference precision (TEST.*) or the
-    reference's inference treatment."""
+    """False for rows whose training is another row's: inference-only keys (:data:`INFERENCE_ONLY`)
+    or the reference's inference treatment."""
     _, *opts = spec.split()
-    return spec != REFERENCE_BF16 and not any(k.startswith("TEST.") for k in opts[::2])
+    return spec != REFERENCE_BF16 and not any(k.startswith(INFERENCE_ONLY) for k in opts[::2])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

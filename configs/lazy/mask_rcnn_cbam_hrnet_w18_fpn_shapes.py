@@ -39,6 +39,7 @@ _roi.box_predictor.test_topk_per_image = 20
 _roi.mask_head.input_shape.channels = 128
 _roi.mask_head.conv_dims = [128, 128, 128, 128, 128]
 _roi.mask_head.conv_norm = "GN"
+_roi.mask_positives_per_image = 12
 
 # data: the shapes set at 128-192 px, bad images skipped as train_net.py does
 dataloader.train.dataset = L(get_detection_dataset_dicts)(names="shapes_train")

@@ -1,0 +1,150 @@
+"""The quickstart recipe's training options: INPUT.HARD_AUG (each corruption keeps boxes and masks
+right: occlusion removes the painted pixels from the masks, the stretch moves boxes with the masks,
+photometric ones change pixels only) and MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE (the mask head
+trains on at most that many proposals per image; 0 is detectron2's)."""
+
+import os
+import tempfile
+import unittest
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from cbam_hrnet_d2 import augment
+from cbam_hrnet_d2.data import generate_shapes, register_coco_json
+from cbam_hrnet_d2.data_loader import build_train_loader
+from cbam_hrnet_d2.fixed_work import synthetic_batch
+
+from .common import CONFIGS, get_config
+from .test_training import CONFIG
+
+SHAPES = os.path.join(CONFIGS, "shapes", "mask_rcnn_CBAM_HRNet_W18_FPN_shapes.yaml")
+
+
+def _square_annotation(h, w, x0, y0, x1, y1):
+    poly = [[x0, y0, x1, y0, x1, y1, x0, y1]]
+    return {"bbox": [x0, y0, x1 - x0, y1 - y0], "bbox_mode": 1, "segmentation": poly}
+
+
+def _transform(tfm, image, ann):
+    """detectron2's annotation path (what DatasetMapper does) for one RLE annotation."""
+    h, w = image.shape[:2]
+    (ann,) = augment.with_rle_masks({"height": h, "width": w, "annotations": [ann]})["annotations"]
+    out = utils.transform_instance_annotations(
+        ann, T.TransformList([tfm]), tfm.apply_image(image).shape[:2]
+    )
+    return out
+
+
+class TestHardAugmentation(unittest.TestCase):
+    def setUp(self):
+        self.image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+        self.ann = _square_annotation(64, 96, 20, 10, 60, 50)
+
+    def test_rle_masks_equal_the_polygons(self):
+        d = {"height": 64, "width": 96, "annotations": [self.ann]}
+        rle = augment.with_rle_masks(d)["annotations"][0]["segmentation"]
+        poly = mask_util.decode(
+            mask_util.merge(mask_util.frPyObjects(self.ann["segmentation"], 64, 96))
+        )
+        np.testing.assert_array_equal(mask_util.decode(rle), poly)
+        self.assertIsInstance(d["annotations"][0]["segmentation"], list)  # the input is untouched
+
+    def test_occlusion_paints_the_image_and_removes_those_pixels_from_the_masks(self):
+        occluder = np.zeros((64, 96), bool)
+        occluder[:, :40] = True  # hides the left half of the square
+        fill = np.zeros_like(self.image)
+        tfm = augment.OcclusionTransform(occluder, fill)
+        image = tfm.apply_image(self.image)
+        self.assertTrue((image[occluder] == 0).all())
+        np.testing.assert_array_equal(image[~occluder], self.image[~occluder])
+        mask = _transform(tfm, self.image, self.ann)["segmentation"]
+        self.assertFalse(mask[:, :40].any())
+        self.assertEqual(int(mask.sum()), 40 * 20)  # rows 10..49, columns 40..59
+        with self.assertRaisesRegex(ValueError, "bitmask"):
+            tfm.apply_polygons([np.zeros((4, 2))])
+
+    def test_stretch_moves_boxes_with_the_masks(self):
+        np.random.seed(3)
+        tfm = augment.RandomStretch(1.35).get_transform(self.image)
+        self.assertNotEqual(tfm.new_h / tfm.h, tfm.new_w / tfm.w)
+        out = _transform(tfm, self.image, self.ann)
+        ys, xs = np.nonzero(out["segmentation"])
+        np.testing.assert_allclose(
+            out["bbox"], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], atol=1.01
+        )
+
+    def test_photometric_corruptions_change_pixels_only(self):
+        augs = augment.with_hard_augmentations([], 1.0)[1:]
+        self.assertEqual(len(augs), 6)
+        for aug in augs[1:]:  # [0] is the occlusion
+            with self.subTest(aug=type(aug.aug).__name__):
+                np.random.seed(1)
+                tfm = aug.get_transform(self.image)
+                image = tfm.apply_image(self.image)
+                self.assertEqual((image.shape, image.dtype), (self.image.shape, np.uint8))
+                self.assertFalse(np.array_equal(image, self.image))
+                out = _transform(tfm, self.image, self.ann)
+                np.testing.assert_array_equal(out["bbox"], [20, 10, 60, 50])
+                self.assertEqual(int(out["segmentation"].sum()), 40 * 40)
+
+    def test_bad_probability_names_the_key(self):
+        for prob in (-0.1, 1.5):
+            with self.assertRaisesRegex(ValueError, r"INPUT.HARD_AUG.PROB must be in \[0, 1\]"):
+                augment.with_hard_augmentations([], prob)
+
+    def test_the_loader_gives_boxes_that_bound_the_masks(self):
+        with tempfile.TemporaryDirectory() as d:
+            json_file = generate_shapes(d, "train", 6, seed=5)
+            register_coco_json("hard_aug_test", json_file, os.path.join(d, "train"))
+            outputs = []
+            for prob in (0.0, 1.0):
+                cfg = get_config(SHAPES, [
+                    "DATASETS.TRAIN", ("hard_aug_test",), "DATALOADER.NUM_WORKERS", 0,
+                    "SOLVER.IMS_PER_BATCH", 6, "INPUT.HARD_AUG.ENABLED", True,
+                    "INPUT.HARD_AUG.PROB", prob, "INPUT.MASK_FORMAT", "bitmask", "OUTPUT_DIR", d,
+                ])  # fmt: skip
+                torch.manual_seed(0)
+                np.random.seed(0)
+                outputs.append(next(iter(build_train_loader(cfg))))
+        for batch in outputs:  # PROB 0 and 1
+            for x in batch:
+                inst = x["instances"]
+                self.assertGreater(len(inst), 0)
+                masks = inst.gt_masks.tensor
+                self.assertTrue(masks.flatten(1).any(1).all())  # no empty instance is kept
+                self.assertTrue(
+                    torch.equal(inst.gt_boxes.tensor, inst.gt_masks.get_bounding_boxes().tensor)
+                )
+
+
+class TestMaskPositivesPerImage(unittest.TestCase):
+    def _mask_head_rois(self, k):
+        torch.manual_seed(0)
+        cfg = get_config(CONFIG, ["MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE", k])
+        model = build_model(cfg).train()
+        seen = []
+        model.roi_heads.mask_head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+        with EventStorage():
+            losses = model(synthetic_batch(2, 128, 160, 8))
+        self.assertTrue(torch.isfinite(losses["loss_mask"]))
+        return seen[0]
+
+    def test_the_mask_head_trains_on_at_most_k_positives_per_image(self):
+        everything = self._mask_head_rois(0)
+        self.assertGreater(everything, 2 * 3)  # 8 boxes per image: at least 8 positives each
+        self.assertEqual(self._mask_head_rois(3), 2 * 3)
+        self.assertEqual(self._mask_head_rois(1000), everything)
+
+    def test_bad_values_name_the_key(self):
+        for value in (-1, 1.5):
+            cfg = get_config(CONFIG, ["MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE", value])
+            with self.assertRaisesRegex(
+                ValueError, r"MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE must be an integer >= 0"
+            ):
+                build_model(cfg)
