@@ -1,8 +1,10 @@
-"""The quickstart recipe's training options: INPUT.HARD_AUG (each corruption keeps boxes and masks
-right: occlusion removes the painted pixels from the masks, the stretch moves boxes with the masks,
-photometric ones change pixels only) and MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE (the mask head
-trains on at most that many proposals per image; 0 is detectron2's)."""
+"""Training options of issue 17's quickstart work: INPUT.HARD_AUG (each corruption keeps boxes and
+masks right: occlusion removes the painted pixels from the masks, the stretch moves boxes with the
+masks, photometric ones change pixels only), MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE (the mask head
+trains on at most that many proposals per image; 0 is detectron2's), and tools/corrupt_dataset.py
+(the hard evaluation set written by other code)."""
 
+import json
 import os
 import tempfile
 import unittest
@@ -16,11 +18,17 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from cbam_hrnet_d2 import augment
-from cbam_hrnet_d2.data import generate_shapes, register_coco_json
+from cbam_hrnet_d2.data import (
+    check_datasets,
+    generate_shapes,
+    register_coco_json,
+    register_from_cfg,
+    validate_coco_json,
+)
 from cbam_hrnet_d2.data_loader import build_train_loader
 from cbam_hrnet_d2.fixed_work import synthetic_batch
 
-from .common import CONFIGS, get_config
+from .common import CONFIGS, get_config, load_tool
 from .test_training import CONFIG
 
 SHAPES = os.path.join(CONFIGS, "shapes", "mask_rcnn_CBAM_HRNet_W18_FPN_shapes.yaml")
@@ -112,15 +120,18 @@ class TestHardAugmentation(unittest.TestCase):
                 torch.manual_seed(0)
                 np.random.seed(0)
                 outputs.append(next(iter(build_train_loader(cfg))))
-        for batch in outputs:  # PROB 0 and 1
+        for prob, batch in zip((0.0, 1.0), outputs):
+            # occlusion may hide every object of an image (an image without instances trains
+            # as background); without corruptions every image keeps its objects
+            if prob == 0.0:
+                self.assertTrue(all(len(x["instances"]) for x in batch))
+            self.assertGreater(sum(len(x["instances"]) for x in batch), 0)
             for x in batch:
                 inst = x["instances"]
-                self.assertGreater(len(inst), 0)
                 masks = inst.gt_masks.tensor
                 self.assertTrue(masks.flatten(1).any(1).all())  # no empty instance is kept
-                self.assertTrue(
-                    torch.equal(inst.gt_boxes.tensor, inst.gt_masks.get_bounding_boxes().tensor)
-                )
+                boxes = inst.gt_masks.get_bounding_boxes().tensor
+                self.assertTrue(torch.equal(inst.gt_boxes.tensor, boxes))
 
 
 class TestMaskPositivesPerImage(unittest.TestCase):
@@ -142,9 +153,48 @@ class TestMaskPositivesPerImage(unittest.TestCase):
         self.assertEqual(self._mask_head_rois(1000), everything)
 
     def test_bad_values_name_the_key(self):
-        for value in (-1, 1.5):
-            cfg = get_config(CONFIG, ["MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE", value])
-            with self.assertRaisesRegex(
-                ValueError, r"MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE must be an integer >= 0"
-            ):
-                build_model(cfg)
+        cfg = get_config(CONFIG, ["MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE", -1])
+        with self.assertRaisesRegex(
+            ValueError, r"MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE must be an integer >= 0"
+        ):
+            build_model(cfg)
+        # a non-integer is refused when the config is read (the key's type), naming the key
+        with self.assertRaisesRegex(ValueError, r"MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE"):
+            get_config(CONFIG, ["MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE", 1.5])
+
+
+class TestCorruptDataset(unittest.TestCase):
+    def test_writes_a_valid_coco_set_whose_boxes_bound_the_masks(self):
+        corrupt = load_tool("corrupt_dataset")
+        with tempfile.TemporaryDirectory() as d:
+            json_file = generate_shapes(d, "val", 6, seed=7)
+            out = os.path.join(d, "hard")
+            self.assertEqual(
+                corrupt.main(
+                    ["--json", json_file, "--images", os.path.join(d, "val"), "--out", out]
+                ),
+                0,
+            )
+            hard_json, images = os.path.join(out, "val.json"), os.path.join(out, "images")
+            validate_coco_json(hard_json, images)  # raises on any inconsistency
+            with open(hard_json) as f:
+                coco = json.load(f)
+            self.assertEqual(len(coco["images"]), 6)
+            sizes = {i["id"]: (i["height"], i["width"]) for i in coco["images"]}
+            for a in coco["annotations"]:
+                mask = mask_util.decode(a["segmentation"])
+                self.assertEqual(mask.shape, sizes[a["image_id"]])
+                ys, xs = np.nonzero(mask)
+                x, y, w, h = a["bbox"]
+                self.assertEqual(
+                    [x, y, x + w, y + h], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+                )
+                self.assertGreaterEqual(mask.sum(), 16)
+            # a user's dataset named shapes_* is checked, not taken for a generator split
+            name = "shapes_val_hard_test"
+            cfg = get_config(CONFIG, [
+                "DATASETS.REGISTER_COCO", [[name, hard_json, images]],
+                "DATASETS.TEST", (name,), "DATASETS.TRAIN", (name,),
+            ])  # fmt: skip
+            register_from_cfg(cfg)
+            check_datasets(cfg)
