@@ -37,9 +37,10 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # In eval mode, run the trunk with its BatchNorms folded into the convs (computed from the live
     # weights at each call; same outputs up to float rounding). No effect with NORM "GN".
     _C.MODEL.HRNET.FOLD_BN = True
-    # With FOLD_BN, run the folded trunk through torch.compile in eval mode without autograd. Costs
-    # COMPILE_COST at the first input size and at the first new size; pays only for long inference
-    # runs (needs a C++ compiler; docs/precision.md).
+    # With FOLD_BN, run the folded trunk through torch.compile in eval mode without autograd.
+    # Start-up ~34 s of compiling (800x1216, 2 cores), more when the input size changes; buys ~5%
+    # of backbone+FPN time (docs/benchmark.md, 2026-11-25): pays after ~1000 images. Needs a C++
+    # compiler.
     _C.MODEL.HRNET.COMPILE = False
     # In training, keep only the inputs of each stage-2..4 HRNet module and recompute it in backward
     # (~1.3 GB less peak memory at 800x1216, batch 2, for ~10% more time per step). Applied with
