@@ -20,6 +20,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from cbam_hrnet_d2.amp import trainer_class
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
@@ -96,6 +97,8 @@ def main(args):
     if not torch.cuda.is_available():
         cfg.train.device = "cpu"
     default_setup(cfg, args)
+    # detectron2 sets up its own loggers only: this project's (this file's included) as train_net.py
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="cbam_hrnet_d2")
     set_cpu_threads(cfg.train.device)
     if args.eval_only:
         model = instantiate(cfg.model)
