@@ -68,6 +68,7 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # stretch, occlusion (cuts instance masks: INPUT.MASK_FORMAT "bitmask"), texture, low contrast,
     # blur, sensor noise, JPEG.
     _C.INPUT.HARD_AUG = CN()
+    # Turn the seven corruptions on (off: detectron2's resize and flip only).
     _C.INPUT.HARD_AUG.ENABLED = False
     # Probability of each of the seven corruptions, drawn independently per image; in [0, 1].
     _C.INPUT.HARD_AUG.PROB = 0.15
