@@ -23,7 +23,13 @@ from .hrnet import (
     freeze_hrnet_stages,
     recompute_hrnet_modules,
 )
-from .precision import PRECISIONS, autocast_dtype, check_precision, run_autocast
+from .precision import (
+    PRECISIONS,
+    autocast_dtype,
+    check_precision,
+    run_autocast,
+    warn_if_emulated_bf16,
+)
 
 __all__ = [
     "CBAMHRNet",
@@ -165,9 +171,14 @@ class HRNetFPN(FPN):
         super().__init__(**fpn_kwargs)
         _check_choice("precision (TEST.PRECISION)", precision, PRECISIONS)
         self.precision = precision
+        self._warned_emulated = False
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         dtype = None if self.training else autocast_dtype(self.precision, x)
+        if dtype == torch.bfloat16 and not self._warned_emulated:
+            # once per model: "bf16" asked for on a CPU that emulates it ("auto" never picks it)
+            warn_if_emulated_bf16(f"TEST.PRECISION = {self.precision!r}", x.device)
+            self._warned_emulated = True
         return run_autocast(self.features, x, dtype)
 
     def features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:

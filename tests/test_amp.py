@@ -3,6 +3,7 @@ finite losses, and updates the weights; without the key (or on CUDA) detectron2'
 
 import itertools
 import unittest
+from unittest import mock
 
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer
@@ -52,3 +53,15 @@ class TestCPUAMP(unittest.TestCase):
         self.assertIs(trainer_class(True, "cpu"), CPUAMPTrainer)
         self.assertIs(trainer_class(True, "cuda"), AMPTrainer)
         self.assertIs(trainer_class(False, "cuda:0"), SimpleTrainer)
+
+    def test_amp_on_a_cpu_that_emulates_bf16_warns_with_the_key(self):
+        from cbam_hrnet_d2 import precision
+
+        base = SimpleTrainer(torch.nn.Linear(1, 1), [], torch.optim.SGD([torch.zeros(1)], lr=0.1))
+        cfg = get_config(CONFIG, ["SOLVER.AMP.ENABLED", True])
+        with mock.patch.object(precision, "native_bf16", lambda device: False):
+            with self.assertLogs("cbam_hrnet_d2.precision", "WARNING") as logs:
+                self.assertIsInstance(cpu_amp_trainer(cfg, base), CPUAMPTrainer)
+                self.assertIs(trainer_class(True, "cpu"), CPUAMPTrainer)
+        self.assertIn("SOLVER.AMP.ENABLED = True", logs.output[0])
+        self.assertIn("train.amp.enabled = True", logs.output[1])

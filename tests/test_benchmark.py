@@ -10,6 +10,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from cbam_hrnet_d2.fixed_work import REFERENCE, FixedProposals, load_cfg, synthetic_batch
+from cbam_hrnet_d2.precision import native_bf16
 
 from .common import DEFAULT_CONFIG, REPO, load_tool
 
@@ -23,6 +24,8 @@ def main(argv):
 
 # a config with overrides in the same argument: the speed options off
 PLAIN = f"{DEFAULT_CONFIG} MODEL.HRNET.CHANNELS_LAST False MODEL.HRNET.FOLD_BN False"
+# a bf16 row: measured where the CPU runs bf16 natively, listed as skipped where it emulates it
+BF16 = f"{DEFAULT_CONFIG} TEST.PRECISION bf16"
 
 
 class TestBenchmark(unittest.TestCase):
@@ -33,6 +36,7 @@ class TestBenchmark(unittest.TestCase):
                     "--configs",
                     DEFAULT_CONFIG,
                     PLAIN,
+                    BF16,
                     "--size",
                     "64",
                     "96",
@@ -50,7 +54,17 @@ class TestBenchmark(unittest.TestCase):
                 data = json.load(f)
             with open(os.path.join(d, "benchmark.md")) as f:
                 md = f.read()
-        self.assertEqual(list(data["rows"]), [REFERENCE, DEFAULT_CONFIG, PLAIN])
+        self.assertEqual(list(data["rows"]), [REFERENCE, DEFAULT_CONFIG, PLAIN, BF16])
+        bf16 = data["rows"][BF16]
+        self.assertEqual(bf16["precision"], "bf16")
+        self.assertEqual(data["meta"]["bf16_native"], native_bf16("cpu"))
+        if native_bf16("cpu"):
+            self.assertGreater(bf16["backbone_fpn_s"], 0)
+        else:
+            self.assertIn("emulated", bf16["skipped"])
+            self.assertNotIn("backbone_fpn_s", bf16)
+            self.assertIn("emulated: no AVX512-BF16 / AMX", md)
+        self.assertGreater(data["meta"]["matmul_peak_GMACs_bf16"], 0)
         self.assertGreater(data["meta"]["matmul_peak_GMACs"], 0)
         self.assertTrue(data["meta"]["large_allocations_in_heap"])  # as train_net.py runs on CPU
         self.assertEqual((data["meta"]["train_warmup"], data["meta"]["train_iters"]), (2, 1))

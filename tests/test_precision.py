@@ -3,6 +3,7 @@ outputs and everything after them in float32, auto picks by hardware and input s
 are refused with the key, the value and the allowed values."""
 
 import unittest
+from unittest import mock
 
 import torch
 from detectron2.modeling import build_model
@@ -11,8 +12,8 @@ from cbam_hrnet_d2.fixed_work import calibrate_norm_statistics
 from cbam_hrnet_d2.precision import (
     AUTO_BF16_MIN_PIXELS,
     PRECISIONS,
-    _native_bf16,
     autocast_dtype,
+    native_bf16,
 )
 
 from .common import get_config
@@ -91,7 +92,7 @@ class TestPrecision(unittest.TestCase):
         self.assertLess(128 * 192, AUTO_BF16_MIN_PIXELS)
         self.assertIsNone(autocast_dtype("auto", small))
         large = torch.zeros(1, 3, 800, 1216)
-        want = torch.bfloat16 if _native_bf16(large.device) else None
+        want = torch.bfloat16 if native_bf16(large.device) else None
         self.assertEqual(autocast_dtype("auto", large), want)
         self.assertEqual(get_config().TEST.PRECISION, "auto")
 
@@ -116,3 +117,55 @@ class TestPrecision(unittest.TestCase):
                     build_model(get_config(opts=["TEST.PRECISION", value, "MODEL.DEVICE", "cpu"]))
                 for needle in needles:
                     self.assertIn(needle, str(ctx.exception))
+
+
+def _cpuinfo_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next(line for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return None
+    return set(line.split(":", 1)[1].split())
+
+
+class TestEmulatedBf16(unittest.TestCase):
+    """A CPU without AVX512-BF16 / AMX (e.g. AVX2-only AMD Zen 3) emulates bf16, 10-170x slower
+    than fp32: "auto" must not pick it there, and an explicit request says what it costs."""
+
+    def test_native_bf16_agrees_with_the_cpu_flags(self):
+        flags = _cpuinfo_flags()
+        if flags is None:
+            self.skipTest("no /proc/cpuinfo on this OS")
+        self.assertEqual(native_bf16("cpu"), bool(flags & {"avx512_bf16", "amx_bf16"}))
+
+    def test_warning_names_the_key_and_the_fix_on_an_emulating_cpu_only(self):
+        from cbam_hrnet_d2 import precision
+
+        for native, warned in ((False, True), (True, False)):
+            with (
+                self.subTest(native=native),
+                mock.patch.object(precision, "native_bf16", lambda device, n=native: n),
+            ):
+                with self.assertLogs("cbam_hrnet_d2.precision", "WARNING") as logs:
+                    precision.logger.warning("marker")
+                    self.assertEqual(precision.warn_if_emulated_bf16("KEY = 1", "cpu"), warned)
+                text = "\n".join(logs.output[1:])
+                if warned:
+                    for needle in ("KEY = 1", "emulated", "TEST.PRECISION 'auto'"):
+                        self.assertIn(needle, text)
+                else:
+                    self.assertEqual(text, "")
+        self.assertFalse(precision.warn_if_emulated_bf16("KEY = 1", "cuda"))
+
+    def test_bf16_model_warns_once_at_its_first_eval_call_on_an_emulating_cpu(self):
+        from cbam_hrnet_d2 import precision
+
+        model = build("bf16")
+        x = torch.rand(1, 3, 64, 96)
+        with mock.patch.object(precision, "native_bf16", lambda device: False):
+            with self.assertLogs("cbam_hrnet_d2.precision", "WARNING") as logs:
+                with torch.no_grad():
+                    model.backbone(x)
+                    model.backbone(x)
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn("TEST.PRECISION = 'bf16'", logs.output[0])

@@ -22,6 +22,10 @@ spec is ``R50+channels_last+bf16``: backbone + FPN channels-last and under bf16 
 outputs. Rows that differ from another only in inference-only keys (TEST.*, MODEL.HRNET.COMPILE)
 are not trained again. ``first_calls_s`` is the first call of each timed part together, start-up
 costs included (compiling with MODEL.HRNET.COMPILE).
+
+On a CPU without native bf16 (no AVX512-BF16 / AMX) bf16 is emulated, 10-170x slower than fp32: the
+bf16 roof is then a 512x512 matmul (4096x4096 would take minutes a call) and rows that run bf16
+(inference or AMP training) are listed as skipped, with the reason, unless --emulated-bf16.
 """
 
 import argparse
@@ -50,12 +54,16 @@ from cbam_hrnet_d2.fixed_work import (
 )
 from cbam_hrnet_d2.fold_bn import batchnorm_unfolded
 from cbam_hrnet_d2.memory import peak_rss_mib
-from cbam_hrnet_d2.precision import autocast_dtype, run_autocast
+from cbam_hrnet_d2.precision import autocast_dtype, native_bf16, run_autocast
 
 logger = logging.getLogger("cbam_hrnet_d2.benchmark")
 
 # detectron2's R50-FPN given our backbone's treatment: channels-last, bf16 autocast
 REFERENCE_BF16 = "R50+channels_last+bf16"
+# the reason given for rows not measured on a CPU that emulates bf16
+EMULATED_BF16 = (
+    "skipped: bf16 is emulated on this CPU (no AVX512-BF16 / AMX); --emulated-bf16 runs it"
+)
 
 
 class _Autocast(Backbone):
@@ -161,10 +169,13 @@ def measure_training(
     return queue.get()
 
 
-def prepare_inference(config: str, h: int, w: int, opts: Sequence[str] = ()):
+def prepare_inference(
+    config: str, h: int, w: int, opts: Sequence[str] = (), emulated_bf16: bool = True
+):
     """Build ``config`` in eval mode with calibrated norm statistics; count its parameters and
     GMACs. Returns (row, {"backbone_fpn_s" / "trunk_s" / "model_s": callable running that part on
-    one image})."""
+    one image}); the callables are ``{}`` (and ``row["skipped"]`` says why) for a bf16 row on a CPU
+    that emulates bf16 unless ``emulated_bf16``."""
     torch.manual_seed(0)
     treated = config == REFERENCE_BF16
     cfg = load_cfg(REFERENCE if treated else config, opts)
@@ -185,6 +196,9 @@ def prepare_inference(config: str, h: int, w: int, opts: Sequence[str] = ()):
     whole = FixedWork(model, h, w)
     row: Dict[str, float] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
     row["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
+    if dtype == torch.bfloat16 and not emulated_bf16 and not native_bf16(x.device):
+        row["skipped"] = EMULATED_BF16
+        return row, {}
 
     def gmac(module, inputs):
         count = FlopCountAnalysis(module, inputs).unsupported_ops_warnings(False)
@@ -219,6 +233,7 @@ def time_interleaved(
     with its weights already in the caches, as when one model serves image after image (timed
     cold, right after 7 other models, every row measured ~8% slower). ``first_calls_s``: the
     warm-up round of a config, all its callables once (start-up costs, e.g. compiling)."""
+    timed = {spec: fns for spec, fns in timed.items() if fns}  # skipped rows have none
     samples = {spec: {key: [] for key in fns} for spec, fns in timed.items()}
     first = {}
     with torch.inference_mode():
@@ -245,10 +260,16 @@ def time_interleaved(
 INFERENCE_ONLY = ("TEST.", "MODEL.HRNET.COMPILE")
 
 
+def _split(spec: str):
+    """ "A.yaml KEY VALUE ..." -> ("A.yaml", ["KEY", "VALUE", ...])."""
+    config, *opts = spec.split()
+    return config, opts
+
+
 def _trains_differently(spec: str) -> bool:
     """False for rows whose training is another row's: inference-only keys (:data:`INFERENCE_ONLY`)
     or the reference's inference treatment."""
-    _, *opts = spec.split()
+    _, opts = _split(spec)
     return spec != REFERENCE_BF16 and not any(k.startswith(INFERENCE_ONLY) for k in opts[::2])
 
 
@@ -282,6 +303,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default="output/benchmark")
     parser.add_argument(
+        "--emulated-bf16",
+        action="store_true",
+        help="measure bf16 rows even on a CPU without native bf16 (slow: minutes a row at 800 px)",
+    )
+    parser.add_argument(
         "--mmap-large-allocations",
         action="store_true",
         help="keep glibc's default of mmap() for large blocks (train_net.py turns it off on CPU)",
@@ -292,26 +318,37 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     heap = not args.mmap_large_allocations and keep_large_allocations_in_heap()
     h, w = args.size
     peak = matmul_peak_gmacs()
-    peak_bf16 = matmul_peak_gmacs(dtype=torch.bfloat16)
+    bf16_native = native_bf16("cpu")
+    # emulated bf16: a 4096x4096 product would take minutes; 512 reads the same rate (2026-12-01)
+    bf16_n = 4096 if bf16_native else 512
+    peak_bf16 = matmul_peak_gmacs(n=bf16_n, iters=6 if bf16_native else 2, dtype=torch.bfloat16)
     logger.info(
-        "matmul roof on %d threads: fp32 %.1f, bf16 %.1f GMAC/s", args.threads, peak, peak_bf16
+        "matmul roof on %d threads: fp32 %.1f, bf16 %.1f GMAC/s (%s)",
+        args.threads,
+        peak,
+        peak_bf16,
+        "native" if bf16_native else f"emulated: no AVX512-BF16 / AMX, {bf16_n}x{bf16_n}",
     )
     configs = [REFERENCE] + [c for c in args.configs if c != REFERENCE]
     rows, timed = {}, {}
     for i, spec in enumerate(configs):
         logger.info("[%d/%d] building %s", i + 1, len(configs), spec)
-        config, *opts = spec.split()
-        rows[spec], timed[spec] = prepare_inference(config, h, w, opts)
+        config, opts = _split(spec)
+        rows[spec], timed[spec] = prepare_inference(config, h, w, opts, args.emulated_bf16)
     for spec, seconds in time_interleaved(timed, args.iters).items():
         rows[spec].update(seconds)
         logger.info("  %s: %s", spec, {k: round(v, 3) for k, v in seconds.items()})
     del timed  # free the models before the training processes start
     start = time.time()
-    trained = [s for s in configs if _trains_differently(s)]
+    trained = [s for s in configs if _trains_differently(s) and "skipped" not in rows[s]]
+    if not bf16_native and not args.emulated_bf16:
+        for spec in [s for s in trained if load_cfg(*_split(s)).SOLVER.AMP.ENABLED]:
+            rows[spec]["train_skipped"] = EMULATED_BF16
+            trained.remove(spec)
     for i, spec in enumerate(trained):
         eta = (time.time() - start) / i * (len(trained) - i) if i else float("nan")
         logger.info("[%d/%d] training %s (ETA %.0f s)", i + 1, len(trained), spec, eta)
-        config, *opts = spec.split()
+        config, opts = _split(spec)
         rows[spec].update(
             measure_training(
                 config,
@@ -325,14 +362,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 heap,
             )
         )
-    for row in rows.values():
+    measured = [row for row in rows.values() if "skipped" not in row]
+    for row in measured:
         roof = peak_bf16 if row["precision"] == "bf16" else peak
         row["trunk_peak_fraction"] = row["trunk_GMAC"] / row["trunk_s"] / roof
     ref = rows[REFERENCE]
-    for row in rows.values():
+    for row in measured:
         row["backbone_fpn_speedup_vs_R50"] = ref["backbone_fpn_s"] / row["backbone_fpn_s"]
         row["model_speedup_vs_R50"] = ref["model_s"] / row["model_s"]
-        if REFERENCE_BF16 in rows:  # against R50 given the same channels-last + bf16 treatment
+        if "backbone_fpn_s" in rows.get(
+            REFERENCE_BF16, {}
+        ):  # against R50 given the same channels-last + bf16 treatment
             treated = rows[REFERENCE_BF16]
             row["backbone_fpn_speedup_vs_R50_bf16"] = (
                 treated["backbone_fpn_s"] / row["backbone_fpn_s"]
@@ -343,6 +383,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "threads": args.threads,
         "matmul_peak_GMACs": peak,
         "matmul_peak_GMACs_bf16": peak_bf16,
+        "bf16_native": bf16_native,
+        "bf16_roof_size": bf16_n,
         "iters": args.iters,
         "train_batch": args.train_batch,
         "train_iters": args.train_iters,
@@ -361,9 +403,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ]
     for row in table:  # "a/b.yaml KEY VALUE" -> "b.yaml KEY VALUE"
         row["config"] = " ".join(part.split("/")[-1] for part in row["config"].split())
+    bf16_roof = (
+        f"bf16 {peak_bf16:.1f}"
+        if bf16_native
+        else (f"bf16 {peak_bf16:.2f} (emulated: no AVX512-BF16 / AMX; {bf16_n}x{bf16_n})")
+    )
     md = (
-        f"Size {h}x{w}, {args.threads} threads, 4096x4096 matmul roof fp32 {peak:.1f} / bf16 "
-        f"{peak_bf16:.1f} GMAC/s, large blocks "
+        f"Size {h}x{w}, {args.threads} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
+        f"4096x4096 matmul roof fp32 {peak:.1f} / {bf16_roof} GMAC/s, large blocks "
         f"{'in the heap' if heap else 'mmap()ed (glibc default)'}, train batch {args.train_batch} "
         f"({args.train_iters} timed steps after {args.train_warmup}, MODEL.RPN.POST_NMS_TOPK_TRAIN "
         "fixed proposals per image)\n\n" + tabulate(table, headers="keys", tablefmt="pipe")
