@@ -31,9 +31,10 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.data.detection_utils import build_augmentation
+from detectron2.data.transforms import TransformList
 from detectron2.engine import HookBase
 
-from .augment import rle_mask_dicts, with_hard_augmentations
+from .augment import OcclusionTransform, cut_instances, rle_mask_dicts, with_hard_augmentations
 from .data_check import IMAGE_ERRORS
 
 __all__ = [
@@ -116,6 +117,17 @@ class RobustDatasetMapper(DatasetMapper):
                     f.write(line)
             return None
 
+    def _transform_annotations(self, dataset_dict, transforms, image_shape):
+        # INPUT.HARD_AUG occlusion: detectron2 maps the annotations without it (annotated boxes,
+        # uncut masks), then cut_instances cuts the masks and moves only the box sides it changed
+        cut = [t for t in transforms if isinstance(t, OcclusionTransform)]
+        if not cut:
+            return super()._transform_annotations(dataset_dict, transforms, image_shape)
+        rest = TransformList([t for t in transforms if not isinstance(t, OcclusionTransform)])
+        super()._transform_annotations(dataset_dict, rest, image_shape)
+        occluders = [t.occluder for t in cut]
+        dataset_dict["instances"] = cut_instances(dataset_dict["instances"], occluders)
+
 
 def choose_mask_format(cfg, dataset_dicts: List[dict]):
     """``cfg``, or a copy with ``INPUT.MASK_FORMAT "bitmask"`` when the data hold RLE masks of
@@ -158,10 +170,11 @@ def build_train_loader(cfg):
     )
     extra = {}
     if cfg.INPUT.HARD_AUG.ENABLED:
-        # occlusion cuts instance masks: they travel as RLE (bitmask format); boxes follow the masks
+        # occlusion cuts instance masks: they travel as RLE (bitmask format); the mapper moves the
+        # box sides that a cut moved (augment.cut_instances), the others stay the annotated ones
         dicts = rle_mask_dicts(dicts)
         augs = with_hard_augmentations(build_augmentation(cfg, True), cfg.INPUT.HARD_AUG.PROB)
-        extra = {"augmentations": augs, "recompute_boxes": cfg.MODEL.MASK_ON}
+        extra = {"augmentations": augs}
     cfg = choose_mask_format(cfg, dicts)
     bad_file = os.path.join(cfg.OUTPUT_DIR, BAD_IMAGES_FILE) if cfg.OUTPUT_DIR else None
     mapper = RobustDatasetMapper(

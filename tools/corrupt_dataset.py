@@ -13,9 +13,12 @@ its training data did not look like:
 Each image gets two or three of: JPEG (PIL, quality 8-40), box/Gaussian blur, Poisson-like
 sensor noise, lowered contrast, a blended texture (random sinusoid gratings), opaque rectangles and
 ellipses over the scene, and an anisotropic resize (1.2-1.5x along one axis). Masks are decoded,
-resized and cut where occluded, then written as RLE with their boxes recomputed; instances left
-with fewer than 16 pixels are dropped. Written with PIL and numpy alone, independently of the
-training augmentation (cbam_hrnet_d2/augment.py), so it does not test that code against itself.
+resized and cut where occluded, then written as RLE; instances left with fewer than 16 pixels are
+dropped. Boxes are the annotated ones, scaled with the image, except for the sides an occluder
+moved, which become the cut mask's extent (a mask rasterised from polygons ends ~1.2 px short of
+the annotated box on the right and bottom, so boxes recomputed from masks shrank every instance).
+Written with PIL and numpy alone, independently of the training augmentation
+(cbam_hrnet_d2/augment.py), so it does not test that code against itself.
 """
 
 import argparse
@@ -55,9 +58,29 @@ def _grating(h, w, rng):
     return np.clip(img + 128, 0, 255)
 
 
+def _extent(mask: np.ndarray) -> np.ndarray:
+    """x0, y0, x1, y1 of a mask's pixels (x1, y1 exclusive)."""
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float)
+
+
+def corrected_box(bbox, scale, mask_before: np.ndarray, mask_after: np.ndarray) -> list:
+    """COCO ``bbox`` (x, y, w, h) scaled by ``scale`` (sx, sy), each side replaced by the extent of
+    ``mask_after`` where occlusion moved it away from ``mask_before``'s extent."""
+    x, y, w, h = bbox
+    sx, sy = scale
+    box = np.array([x * sx, y * sy, (x + w) * sx, (y + h) * sy])
+    if mask_before.any():
+        before, after = _extent(mask_before), _extent(mask_after)
+        box = np.where(before == after, box, after)
+    return [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
+
+
 def corrupt(image: Image.Image, masks, rng: np.random.Generator):
-    """(image, masks, names of the corruptions applied)."""
+    """(image, masks, names of the corruptions applied, (sx, sy) of the resize, masks before
+    occlusion)."""
     chosen = list(rng.choice(CORRUPTIONS, size=int(rng.integers(2, 4)), replace=False))
+    w0, h0 = image.size
     if "stretch" in chosen:
         w, h = image.size
         f = rng.uniform(1.2, 1.5)
@@ -65,6 +88,8 @@ def corrupt(image: Image.Image, masks, rng: np.random.Generator):
         image = image.resize(size, Image.BILINEAR)
         masks = [np.array(Image.fromarray(m).resize(size, Image.NEAREST)) for m in masks]
     w, h = image.size
+    resized = (w / w0, h / h0)
+    uncut = masks
     if "texture" in chosen:
         arr = np.asarray(image, np.float32)
         alpha = rng.uniform(0.25, 0.5)
@@ -99,7 +124,7 @@ def corrupt(image: Image.Image, masks, rng: np.random.Generator):
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=int(rng.integers(8, 41)))
         image = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    return image, masks, chosen
+    return image, masks, chosen, resized, uncut
 
 
 def main(argv=None) -> int:
@@ -121,24 +146,24 @@ def main(argv=None) -> int:
     for info in coco["images"]:
         anns = [a for a in by_image.get(info["id"], []) if not a.get("iscrowd", 0)]
         image = Image.open(os.path.join(args.images, info["file_name"])).convert("RGB")
-        image, masks, chosen = corrupt(image, _masks(anns, info["height"], info["width"]), rng)
+        masks = _masks(anns, info["height"], info["width"])
+        image, masks, chosen, scale, uncut = corrupt(image, masks, rng)
         for name in chosen:
             counts[name] += 1
         name = os.path.splitext(info["file_name"])[0] + ".png"
         image.save(os.path.join(args.out, "images", name))
         images.append(dict(info, file_name=name, width=image.size[0], height=image.size[1]))
-        for a, m in zip(anns, masks):
+        for a, m, before in zip(anns, masks, uncut):
             if m.sum() < 16:
                 continue
             rle = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
             rle["counts"] = rle["counts"].decode("ascii")
-            x, y, bw, bh = mask_util.toBbox(rle).tolist()
             annotations.append(
                 dict(
                     a,
                     id=len(annotations) + 1,
                     segmentation=rle,
-                    bbox=[x, y, bw, bh],
+                    bbox=corrected_box(a["bbox"], scale, before, m),
                     area=float(m.sum()),
                 )
             )
