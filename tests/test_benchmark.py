@@ -4,6 +4,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from unittest import mock
 
 import torch
 from detectron2.modeling import build_model
@@ -144,6 +145,29 @@ class TestInterleavedTiming(unittest.TestCase):
         self.assertTrue(trains("a.yaml MODEL.HRNET.FOLD_BN False"))
         self.assertFalse(trains("a.yaml TEST.PRECISION fp32"))
         self.assertFalse(trains("a.yaml MODEL.HRNET.COMPILE True"))
+        self.assertFalse(trains("R50+channels_last"))
+        self.assertFalse(trains("R50+channels_last+bf16"))
+
+
+class TestTreatedReferenceAndEmulatedBf16(unittest.TestCase):
+    def test_r50_channels_last_runs_fp32_with_channels_last_weights(self):
+        bench = load_tool("benchmark")
+        row, timed = bench.prepare_inference(bench.REFERENCE_CL, 64, 96)
+        self.assertEqual(row["precision"], "fp32")
+        self.assertEqual(set(timed), {"backbone_fpn_s", "trunk_s", "model_s"})
+        ref, _ = bench.prepare_inference(REFERENCE, 64, 96)
+        self.assertEqual(row["params_M"], ref["params_M"])  # the same model, treated
+
+    def test_bf16_rows_are_skipped_on_a_cpu_that_emulates_bf16_unless_asked(self):
+        bench = load_tool("benchmark")
+        spec = (DEFAULT_CONFIG, ["TEST.PRECISION", "bf16"])
+        with mock.patch.object(bench, "native_bf16", lambda device: False):
+            row, timed = bench.prepare_inference(*spec[:1], 64, 96, spec[1], emulated_bf16=False)
+            self.assertEqual((timed, row["precision"]), ({}, "bf16"))
+            self.assertIn("emulated", row["skipped"])
+            row, timed = bench.prepare_inference(*spec[:1], 64, 96, spec[1], emulated_bf16=True)
+            self.assertNotIn("skipped", row)
+            self.assertEqual(len(timed), 3)
 
 
 def _child_peaks(queue):

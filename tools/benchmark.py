@@ -19,8 +19,9 @@ Precision: each row runs its config's TEST.PRECISION (give "cfg.yaml TEST.PRECIS
 row per precision) and trains under bf16 autocast with "SOLVER.AMP.ENABLED True" (fp32 otherwise).
 detectron2's R50-FPN runs as shipped, and once more with the treatment our backbone gets when the
 spec is ``R50+channels_last+bf16``: backbone + FPN channels-last and under bf16 autocast, float32
-outputs. Rows that differ from another only in inference-only keys (TEST.*, MODEL.HRNET.COMPILE)
-are not trained again. ``first_calls_s`` is the first call of each timed part together, start-up
+outputs; ``R50+channels_last`` is the same in fp32 (the fair comparison where ours runs fp32).
+Rows that differ from another only in inference-only keys (TEST.*, MODEL.HRNET.COMPILE) are not
+trained again. ``first_calls_s`` is the first call of each timed part together, start-up
 costs included (compiling with MODEL.HRNET.COMPILE).
 
 On a CPU without native bf16 (no AVX512-BF16 / AMX) bf16 is emulated, 10-170x slower than fp32: the
@@ -58,8 +59,11 @@ from cbam_hrnet_d2.precision import autocast_dtype, native_bf16, run_autocast
 
 logger = logging.getLogger("cbam_hrnet_d2.benchmark")
 
-# detectron2's R50-FPN given our backbone's treatment: channels-last, bf16 autocast
+# detectron2's R50-FPN given our backbone's treatment: channels-last, and bf16 autocast (the fair
+# comparison where the default runs bf16) or fp32 (where it runs fp32: a CPU without native bf16)
 REFERENCE_BF16 = "R50+channels_last+bf16"
+REFERENCE_CL = "R50+channels_last"
+TREATED = {REFERENCE_BF16: torch.bfloat16, REFERENCE_CL: None}
 # the reason given for rows not measured on a CPU that emulates bf16
 EMULATED_BF16 = (
     "skipped: bf16 is emulated on this CPU (no AVX512-BF16 / AMX); --emulated-bf16 runs it"
@@ -177,7 +181,7 @@ def prepare_inference(
     one image}); the callables are ``{}`` (and ``row["skipped"]`` says why) for a bf16 row on a CPU
     that emulates bf16 unless ``emulated_bf16``."""
     torch.manual_seed(0)
-    treated = config == REFERENCE_BF16
+    treated = config in TREATED
     cfg = load_cfg(REFERENCE if treated else config, opts)
     model = build_model(cfg).eval()
     image = torch.rand(3, h, w) * 255
@@ -188,8 +192,9 @@ def prepare_inference(
     trunk = getattr(model.backbone, "bottom_up", model.backbone)
     if treated:
         model.backbone.to(memory_format=torch.channels_last)
-        model.backbone = _Autocast(model.backbone)
-        dtype = torch.bfloat16
+        dtype = TREATED[config]
+        if dtype is not None:
+            model.backbone = _Autocast(model.backbone)
     else:
         # TEST.PRECISION as the backbone applies it (detectron2's own backbones run fp32)
         dtype = autocast_dtype(getattr(model.backbone, "precision", "fp32"), x)
@@ -270,7 +275,7 @@ def _trains_differently(spec: str) -> bool:
     """False for rows whose training is another row's: inference-only keys (:data:`INFERENCE_ONLY`)
     or the reference's inference treatment."""
     _, opts = _split(spec)
-    return spec != REFERENCE_BF16 and not any(k.startswith(INFERENCE_ONLY) for k in opts[::2])
+    return spec not in TREATED and not any(k.startswith(INFERENCE_ONLY) for k in opts[::2])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -370,13 +375,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for row in measured:
         row["backbone_fpn_speedup_vs_R50"] = ref["backbone_fpn_s"] / row["backbone_fpn_s"]
         row["model_speedup_vs_R50"] = ref["model_s"] / row["model_s"]
-        if "backbone_fpn_s" in rows.get(
-            REFERENCE_BF16, {}
-        ):  # against R50 given the same channels-last + bf16 treatment
-            treated = rows[REFERENCE_BF16]
-            row["backbone_fpn_speedup_vs_R50_bf16"] = (
-                treated["backbone_fpn_s"] / row["backbone_fpn_s"]
-            )
+        # against R50 given the same channels-last (+ bf16) treatment
+        for spec, key in ((REFERENCE_BF16, "_bf16"), (REFERENCE_CL, "_channels_last")):
+            if "backbone_fpn_s" in rows.get(spec, {}):
+                treated = rows[spec]["backbone_fpn_s"]
+                row["backbone_fpn_speedup_vs_R50" + key] = treated / row["backbone_fpn_s"]
     os.makedirs(args.out, exist_ok=True)
     meta = {
         "size": [h, w],
