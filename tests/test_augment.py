@@ -9,6 +9,7 @@ import os
 import tempfile
 import unittest
 
+import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
@@ -26,7 +27,7 @@ from cbam_hrnet_d2.data import (
     register_from_cfg,
     validate_coco_json,
 )
-from cbam_hrnet_d2.data_loader import build_train_loader
+from cbam_hrnet_d2.data_loader import RobustDatasetMapper, build_train_loader
 from cbam_hrnet_d2.fixed_work import synthetic_batch
 
 from .common import CONFIGS, get_config, load_tool
@@ -37,7 +38,12 @@ SHAPES = os.path.join(CONFIGS, "shapes", "mask_rcnn_CBAM_HRNet_W18_FPN_shapes.ya
 
 def _square_annotation(h, w, x0, y0, x1, y1):
     poly = [[x0, y0, x1, y0, x1, y1, x0, y1]]
-    return {"bbox": [x0, y0, x1 - x0, y1 - y0], "bbox_mode": 1, "segmentation": poly}
+    return {
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "bbox_mode": 1,
+        "segmentation": poly,
+        "category_id": 0,
+    }
 
 
 def _transform(tfm, image, ann):
@@ -132,6 +138,30 @@ class TestHardAugmentation(unittest.TestCase):
         polygons = Instances((64, 96), gt_masks=PolygonMasks([[np.array([0, 0, 9, 0, 9, 9.0])]]))
         with self.assertRaisesRegex(ValueError, "bitmask"):
             augment.cut_instances(polygons, [occluder])
+
+    def test_the_mapper_cuts_masks_and_moves_only_the_cut_box_sides(self):
+        occluder = np.zeros((64, 96), bool)
+        occluder[:, :40] = True
+        mapper = RobustDatasetMapper(
+            True,
+            augmentations=[augment.OcclusionTransform(occluder, np.zeros_like(self.image))],
+            image_format="BGR",
+            use_instance_mask=True,
+            instance_mask_format="bitmask",
+        )
+        hidden = _square_annotation(64, 96, 2, 2, 30, 30)  # entirely behind the occluder
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "a.png")
+            cv2.imwrite(path, self.image)
+            d = {"file_name": path, "height": 64, "width": 96, "image_id": 0}
+            d["annotations"] = [self.ann, hidden]
+            out = mapper(augment.with_rle_masks(d))
+        self.assertFalse(out["image"][:, :, :40].any())  # painted
+        inst = out["instances"]
+        self.assertEqual(len(inst), 1)  # the hidden square is dropped
+        self.assertFalse(inst.gt_masks.tensor[:, :, :40].any())
+        # left side: the cut mask's extent; the others: the annotated box (20, 10, 60, 50)
+        self.assertEqual(inst.gt_boxes.tensor.tolist(), [[40, 10, 60, 50]])
 
     def _first_batch(self, d, name, opts):
         cfg = get_config(SHAPES, [
