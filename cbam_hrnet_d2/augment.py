@@ -19,7 +19,7 @@ cost the 2026-11-25 runs 10 box AP at PROB 0.15 and at 0.05 alike.
 =========== ==========================================================================
 corruption  parameters (each drawn per image)
 =========== ==========================================================================
-stretch     width/height scaled by r and 1/r, r in [1, 1.35] or its inverse
+stretch     width x r, height / r, r^2 in [1/1.35, 1.35] (aspect ratio changed up to 1.35x)
 occlusion   1-3 blobs (3-9 vertices), radius 10-30% of the short side, plain or textured
 texture     a background texture of the shapes generator blended in at 20-50%
 contrast    detectron2's ``RandomContrast(0.35, 0.8)``

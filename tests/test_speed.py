@@ -32,7 +32,10 @@ def build_pair(opts=()):
     return plain.eval(), fast.eval()
 
 
-def assert_close(test, a, b, tol=1e-4):
+# float32 rounding of folded vs unfolded BatchNorm and of the kernels each memory layout picks,
+# through ~100 layers of a random network: measured 1.2e-4 (relative to the largest output) on an
+# AVX2-only CPU (2026-12-01), under 1e-4 on an AVX512 one; a wrong fold or layout is off by O(1)
+def assert_close(test, a, b, tol=5e-4):
     scale = a.abs().max().clamp(min=1.0)
     test.assertLessEqual(((a - b).abs().max() / scale).item(), tol)
 
