@@ -8,10 +8,11 @@ enough for it to pay (:data:`AUTO_BF16_MIN_PIXELS`), fp32 elsewhere (CUDA includ
 there). While a model is traced or exported, it runs float32.
 
 On a CPU without native bf16 (AVX2 only, e.g. AMD Zen 3) PyTorch emulates bfloat16 convolutions and
-matrix products: measured 2026-12-01 on this project's 2-core AMD EPYC (AVX2), a 1024x1024 matmul
-ran 0.43 GMAC/s in bf16 against ~75 in fp32, a channels-last 3x3 conv 6.6 against 53. "auto" then
-stays fp32; an explicit "bf16" (or ``SOLVER.AMP.ENABLED`` training on such a CPU) is honoured and
-:func:`warn_if_emulated_bf16` says what it costs.
+matrix products. Measured 2026-12-01 on this project's 2-core AMD EPYC (AVX2), 2 threads, best of
+3: 1024x1024 matmul 0.44 GMAC/s in bf16 against 43.4 in fp32 (99x), a channels-last 3x3 conv
+(64 channels, 128x128) 5.66 against 68.7 (12x); backbone+FPN 6.1x slower (COCO W18, 256x384) and
+3.1x (shapes W18, 128x192). "auto" then stays fp32; an explicit "bf16" (or ``SOLVER.AMP.ENABLED``
+training on such a CPU) is honoured and :func:`warn_if_emulated_bf16` says what it costs.
 """
 
 import logging
@@ -94,9 +95,9 @@ def warn_if_emulated_bf16(key: str, device) -> bool:
         return False
     logger.warning(
         "%s asks for bfloat16, but this CPU has no native bf16 (no AVX512-BF16 / AMX; PyTorch "
-        "reports %s): bf16 convolutions and matrix products are emulated, 10-170x slower than "
-        "fp32 (cbam_hrnet_d2/precision.py). Use TEST.PRECISION 'auto' (fp32 here) and "
-        "SOLVER.AMP.ENABLED False on this machine.",
+        "reports %s): bf16 convolutions and matrix products are emulated, 12-99x slower than "
+        "fp32, backbone+FPN 3-6x (cbam_hrnet_d2/precision.py). Use TEST.PRECISION 'auto' "
+        "(fp32 here) and SOLVER.AMP.ENABLED False on this machine.",
         key,
         torch.backends.cpu.get_cpu_capability(),
     )

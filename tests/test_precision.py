@@ -129,7 +129,7 @@ def _cpuinfo_flags():
 
 
 class TestEmulatedBf16(unittest.TestCase):
-    """A CPU without AVX512-BF16 / AMX (e.g. AVX2-only AMD Zen 3) emulates bf16, 10-170x slower
+    """A CPU without AVX512-BF16 / AMX (e.g. AVX2-only AMD Zen 3) emulates bf16, 12-99x slower
     than fp32: "auto" must not pick it there, and an explicit request says what it costs."""
 
     def test_native_bf16_agrees_with_the_cpu_flags(self):

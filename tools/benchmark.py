@@ -24,9 +24,10 @@ Rows that differ from another only in inference-only keys (TEST.*, MODEL.HRNET.C
 trained again. ``first_calls_s`` is the first call of each timed part together, start-up
 costs included (compiling with MODEL.HRNET.COMPILE).
 
-On a CPU without native bf16 (no AVX512-BF16 / AMX) bf16 is emulated, 10-170x slower than fp32: the
-bf16 roof is then a 512x512 matmul (4096x4096 would take minutes a call) and rows that run bf16
-(inference or AMP training) are listed as skipped, with the reason, unless --emulated-bf16.
+On a CPU without native bf16 (no AVX512-BF16 / AMX) bf16 is emulated, 12-99x slower than fp32
+(matmul, conv; cbam_hrnet_d2/precision.py): the bf16 roof is then a 512x512 matmul (4096x4096
+would take minutes a call) and rows that run bf16 (inference or AMP training) are listed as
+skipped, with the reason, unless --emulated-bf16.
 """
 
 import argparse
