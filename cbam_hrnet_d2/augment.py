@@ -137,8 +137,8 @@ def cut_instances(instances: Instances, occluders: List[np.ndarray]) -> Instance
         return instances
     if not isinstance(instances.gt_masks, BitMasks):
         raise ValueError(_POLYGONS_CANNOT_BE_CUT)
+    before = instances.gt_masks.get_bounding_boxes().tensor
     masks = instances.gt_masks.tensor
-    before = BitMasks(masks).get_bounding_boxes().tensor
     for occluder in occluders:
         masks = masks & ~torch.as_tensor(occluder, device=masks.device)
     after = BitMasks(masks).get_bounding_boxes().tensor

@@ -187,24 +187,26 @@ def prepare_inference(
     model = build_model(cfg).eval()
     image = torch.rand(3, h, w) * 255
     x = model.preprocess_image([{"image": image}]).tensor
+    # TEST.PRECISION as the backbone applies it (detectron2's own backbones run fp32)
+    dtype = (
+        TREATED[config]
+        if treated
+        else autocast_dtype(getattr(model.backbone, "precision", "fp32"), x)
+    )
+    row: Dict[str, float] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    row["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
+    if dtype == torch.bfloat16 and not emulated_bf16 and not native_bf16(x.device):
+        row["skipped"] = EMULATED_BF16  # before any forward pass: emulated bf16 takes minutes
+        return row, {}
     calibrate_norm_statistics(model.backbone, x)
     # the bottom-up network as the model runs it (for HRNet: the trunk, BN-folded in eval mode when
     # MODEL.HRNET.FOLD_BN, plus any CBAM on its branches)
     trunk = getattr(model.backbone, "bottom_up", model.backbone)
     if treated:
         model.backbone.to(memory_format=torch.channels_last)
-        dtype = TREATED[config]
         if dtype is not None:
             model.backbone = _Autocast(model.backbone)
-    else:
-        # TEST.PRECISION as the backbone applies it (detectron2's own backbones run fp32)
-        dtype = autocast_dtype(getattr(model.backbone, "precision", "fp32"), x)
     whole = FixedWork(model, h, w)
-    row: Dict[str, float] = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6}
-    row["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
-    if dtype == torch.bfloat16 and not emulated_bf16 and not native_bf16(x.device):
-        row["skipped"] = EMULATED_BF16
-        return row, {}
 
     def gmac(module, inputs):
         count = FlopCountAnalysis(module, inputs).unsupported_ops_warnings(False)
