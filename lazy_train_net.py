@@ -13,6 +13,7 @@ with the safe atomic checkpointer, writes results.json / ap_tables.md, stops on 
 a checkpoint, and resumes exactly with ``train.exact_resume=True``.
 """
 
+import contextlib
 import logging
 
 import torch
@@ -22,13 +23,15 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from cbam_hrnet_d2.amp import trainer_class
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
-from cbam_hrnet_d2.cpu import create_ddp_model, set_cpu_threads
-from cbam_hrnet_d2.memory import MemoryMonitor
-from cbam_hrnet_d2.preemption import Preemption, launch
-from cbam_hrnet_d2.results import write_results
-from cbam_hrnet_d2.resume import ExactResume, ResumableLoader
+from cbam_hrnet_d2.cpu import cpu_speedups
+from cbam_hrnet_d2.cpu.process import create_ddp_model, set_cpu_threads
+from cbam_hrnet_d2.engine import claim_output_dir, launch
+from cbam_hrnet_d2.engine.amp import trainer_class
+from cbam_hrnet_d2.engine.hooks import MemoryMonitor
+from cbam_hrnet_d2.engine.preemption import Preemption
+from cbam_hrnet_d2.engine.results import write_results
+from cbam_hrnet_d2.engine.resume import ExactResume, ResumableLoader
 
 logger = logging.getLogger("cbam_hrnet_d2")
 
@@ -45,16 +48,28 @@ def do_test(cfg, model):
     return results
 
 
-def do_train(args, cfg):
+def build_model(cfg):
+    """``cfg.model`` on ``cfg.train.device``; on the CPU with the CPU speed layer
+    (``train.cpu_speedups``, cbam_hrnet_d2/cpu)."""
     model = instantiate(cfg.model)
-    logger.info("Model:\n%s", model)
     model.to(cfg.train.device)
+    if cfg.train.device == "cpu":
+        cpu_speedups(model, **cfg.train.get("cpu_speedups", {}))
+    return model
+
+
+def do_train(args, cfg):
+    model = build_model(cfg)
+    logger.info("Model:\n%s", model)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     loader = ResumableLoader(instantiate(cfg.dataloader.train))
     model = create_ddp_model(model, **cfg.train.ddp)
     # train.amp.enabled on the CPU: bf16 autocast steps (detectron2's AMPTrainer is CUDA-only)
-    trainer = trainer_class(cfg.train.amp.enabled, cfg.train.device)(model, loader, optimizer)
+    amp = cfg.train.amp
+    trainer = trainer_class(amp.enabled, cfg.train.device, amp.get("precision", "auto"))(
+        model, loader, optimizer
+    )
     logger.info("Trainer: %s", type(trainer).__name__)
     checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.checkpointer = checkpointer  # the Preemption hook saves through it
@@ -91,19 +106,22 @@ def do_train(args, cfg):
     trainer.train(start_iter, cfg.train.max_iter)
 
 
-def main(args):
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+def load(args):
+    """The LazyConfig with ``args.opts`` applied; without CUDA, ``train.device`` is "cpu"."""
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     if not torch.cuda.is_available():
         cfg.train.device = "cpu"
+    return cfg
+
+
+def main(args):
+    cfg = load(args)
     default_setup(cfg, args)
     # detectron2 sets up its own loggers only: this project's (this file's included) as train_net.py
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="cbam_hrnet_d2")
     set_cpu_threads(cfg.train.device)
     if args.eval_only:
-        model = instantiate(cfg.model)
-        model.to(cfg.train.device)
-        model = create_ddp_model(model)
+        model = create_ddp_model(build_model(cfg))
         SafeCheckpointer(model).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     do_train(args, cfg)  # detectron2's EvalHook evaluates after the last iteration
@@ -111,14 +129,25 @@ def main(args):
 
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
+    cfg = load(args)  # for the device and the output folder
+    out = cfg.train.output_dir
+    claim = (
+        claim_output_dir(out, eval_only=args.eval_only)
+        if args.machine_rank == 0
+        else contextlib.nullcontext(out)
     )
+    with claim as output_dir:
+        if output_dir != out:  # --eval-only into a folder a training run holds
+            args.opts = [*args.opts, f"train.output_dir={output_dir}"]
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            device=cfg.train.device,
+            args=(args,),
+        )
 
 
 if __name__ == "__main__":

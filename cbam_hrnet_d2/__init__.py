@@ -1,24 +1,24 @@
-"""cbam_hrnet_d2: HRNet + CBAM backbone for Detectron2. Importing it registers the backbones."""
+"""cbam_hrnet_d2: HRNet + CBAM backbone for Detectron2. Importing it registers the backbones
+(``build_cbam_hrnet_backbone``, ``build_cbam_hrnet_fpn_backbone``) and the RoI heads
+(``CappedMaskROIHeads``); ``cbam_hrnet_d2.data`` registers the shapes datasets."""
 
-from . import backbone as _  # noqa: F401  (registers the two builders in BACKBONE_REGISTRY)
-from . import roi_align as _roi  # noqa: F401  (registers SparseROIAlignROIHeads in ROI_HEADS_REGISTRY)
-from .backbone import (
+from cbam_hrnet_d2.config import add_cbam_hrnet_config, load_config
+from cbam_hrnet_d2.modeling import (  # importing registers the backbones and RoI heads
+    CBAM,
     CBAMFPN,
+    CappedMaskROIHeads,
     CBAMHRNet,
     build_cbam_hrnet_backbone,
     build_cbam_hrnet_fpn_backbone,
 )
-from .cbam import CBAM
-from .config import add_cbam_hrnet_config
-from .roi_align import SparseROIAlign, SparseROIAlignROIHeads
 
 __all__ = [
     "add_cbam_hrnet_config",
+    "load_config",
     "build_cbam_hrnet_backbone",
     "build_cbam_hrnet_fpn_backbone",
     "CBAMHRNet",
     "CBAMFPN",
     "CBAM",
-    "SparseROIAlign",
-    "SparseROIAlignROIHeads",
+    "CappedMaskROIHeads",
 ]

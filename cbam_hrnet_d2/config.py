@@ -32,20 +32,11 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # ImageNet HRNet checkpoint (timm .pth/.safetensors, official HRNet .pth, or a converted file)
     # loaded into the trunk at build time; "" = random init. A set MODEL.WEIGHTS wins over it.
     _C.MODEL.HRNET.PRETRAINED = ""
-    # Keep backbone weights and activations channels-last (NHWC): faster convs on CPU, same results.
-    _C.MODEL.HRNET.CHANNELS_LAST = True
-    # In eval mode, run the trunk with its BatchNorms folded into the convs (computed from the live
-    # weights at each call; same outputs up to float rounding). No effect with NORM "GN".
-    _C.MODEL.HRNET.FOLD_BN = True
-    # With FOLD_BN, run the folded trunk through torch.compile in eval mode without autograd.
-    # Start-up ~34 s of compiling (800x1216, 2 cores), more when the input size changes; buys ~5%
-    # of backbone+FPN time (docs/benchmark.md, 2026-11-25): pays after ~1000 images. Needs a C++
-    # compiler.
-    _C.MODEL.HRNET.COMPILE = False
-    # In training, keep only the inputs of each stage-2..4 HRNet module and recompute it in backward
-    # (~1.3 GB less peak memory at 800x1216, batch 2, for ~10% more time per step). Applied with
-    # FrozenBN/GN norms only: BatchNorm in training mode would update its statistics twice.
-    _C.MODEL.HRNET.ACTIVATION_CHECKPOINTING = True
+    # In training, keep only the inputs of each stage-2..4 HRNet module and recompute it in
+    # backward: less peak memory for more time per step (docs/benchmark.md). For a machine too
+    # small for the batch; applied with FrozenBN/GN norms only (BatchNorm in training mode would
+    # update its statistics twice).
+    _C.MODEL.HRNET.ACTIVATION_CHECKPOINTING = False
 
     _C.MODEL.CBAM = CN()
     # Add CBAM blocks at all (False = plain HRNet + FPN, the ablation baseline).
@@ -60,8 +51,21 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # p2..p6).
     _C.MODEL.CBAM.POSITION = "branches"
 
-    # Training only (SparseROIAlignROIHeads): the mask head trains on at most this many foreground
-    # proposals per image, drawn at random; the box head sees all of them. 0 = all (detectron2).
+    # The CPU speed layer (cbam_hrnet_d2/cpu): applied where MODEL.DEVICE is "cpu", ignored on CUDA.
+    # Same outputs up to float rounding; what each buys at 800 px is in docs/benchmark.md.
+    _C.MODEL.CPU = CN()
+    # Keep every conv's weights (and so its activations) channels-last (NHWC), oneDNN's layout.
+    _C.MODEL.CPU.CHANNELS_LAST = True
+    # Run the RoI poolers' RoIAlign as one multi-threaded sparse matrix product (torchvision's CPU
+    # kernel runs one thread).
+    _C.MODEL.CPU.SPARSE_ROI_ALIGN = True
+    # In eval mode, run the HRNet trunk with its BatchNorms folded into the convs (folded from the
+    # live weights; no effect with MODEL.HRNET.NORM "GN").
+    _C.MODEL.CPU.FOLD_BN = True
+
+    # Training only (ROI_HEADS.NAME "CappedMaskROIHeads"): the mask head trains on at most this
+    # many foreground proposals per image, drawn at random; the box head sees all of them. 0 = all
+    # (detectron2's StandardROIHeads).
     _C.MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE = 0
 
     # Training augmentation for harder images than the data hold (cbam_hrnet_d2/augment.py):
@@ -82,6 +86,10 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # >= 0; exact for one process). Costs one pass of data loading over the iterations already done.
     _C.DATALOADER.EXACT_RESUME = False
 
+    # Mixed precision of SOLVER.AMP.ENABLED training. Options: "auto" (fp16 on CUDA as detectron2,
+    # bf16 on the CPU), "fp16" (CUDA only, with detectron2's grad scaler), "bf16" (no scaler).
+    _C.SOLVER.AMP.PRECISION = "auto"
+
     # Optimizer. Options: "SGD" (detectron2's, with SOLVER.MOMENTUM), "AdamW" (betas 0.9/0.999, for
     # training from scratch, e.g. the CPU shapes recipe). Both use SOLVER.BASE_LR and WEIGHT_DECAY*.
     _C.SOLVER.OPTIMIZER = "SGD"
@@ -89,7 +97,7 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # Precision of inference (eval mode) of the backbone + FPN: "fp32"; "bf16" (autocast; RPN,
     # heads, box decoding, NMS, RoIAlign sampling and mask pasting stay fp32); "fp16" (CUDA only);
     # "auto": bf16 on a CPU with native bf16 (AVX512-BF16 / AMX) for inputs of at least
-    # AUTO_BF16_MIN_PIXELS (cbam_hrnet_d2/precision.py, where it pays), else fp32.
+    # AUTO_BF16_MIN_PIXELS (cbam_hrnet_d2/modeling/precision.py, where it pays), else fp32.
     _C.TEST.PRECISION = "auto"
 
 

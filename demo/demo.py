@@ -24,7 +24,7 @@ from predictor import VisualizationDemo
 
 import cbam_hrnet_d2.data  # noqa: F401  (registers shapes_* metadata: class names)
 from cbam_hrnet_d2.config import load_config
-from cbam_hrnet_d2.files import atomic_write
+from cbam_hrnet_d2.utils.files import atomic_write
 
 WINDOW_NAME = "CBAM-HRNet detections"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -230,7 +230,7 @@ def run_video(demo: VisualizationDemo, args, logger) -> int:
                 out, os.path.splitext(os.path.basename(args.video_input))[0] + ".mp4"
             )
         # cv2.VideoWriter writes to a file name, not a file object: a temporary name renamed at the
-        # end (the one atomic write that cannot use cbam_hrnet_d2.files.atomic_write)
+        # end (the one atomic write that cannot use cbam_hrnet_d2.utils.files.atomic_write)
         root, ext = os.path.splitext(out)
         tmp = f"{root}.tmp{os.getpid()}{ext or '.mp4'}"
         writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))

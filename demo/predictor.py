@@ -15,8 +15,9 @@ from detectron2.engine.defaults import DefaultPredictor
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
-from cbam_hrnet_d2.cbam import record_attention
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
+from cbam_hrnet_d2.cpu import apply_cpu_speedups, cpu_speedups
+from cbam_hrnet_d2.modeling.cbam import record_attention
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ class LazyPredictor(DefaultPredictor):
 
     def __init__(self, cfg):
         self.model = instantiate(cfg.model).to(cfg.train.device).eval()
+        if cfg.train.device == "cpu":
+            cpu_speedups(self.model, **cfg.train.get("cpu_speedups", {}))
         SafeCheckpointer(self.model).load(cfg.train.init_checkpoint)
         resizes = [
             a
@@ -65,7 +68,11 @@ class VisualizationDemo:
         self.metadata = MetadataCatalog.get(_test_dataset(cfg))
         self.cpu_device = torch.device("cpu")
         self.instance_mode = instance_mode
-        self.predictor = DefaultPredictor(cfg) if isinstance(cfg, CfgNode) else LazyPredictor(cfg)
+        if isinstance(cfg, CfgNode):
+            self.predictor = DefaultPredictor(cfg)
+            apply_cpu_speedups(self.predictor.model, cfg)  # a CPU model only
+        else:
+            self.predictor = LazyPredictor(cfg)
         self.strides = {}
         backbone = self.predictor.model.backbone
         for shapes in (

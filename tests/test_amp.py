@@ -10,7 +10,7 @@ from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from cbam_hrnet_d2.amp import CPUAMPTrainer, cpu_amp_trainer, trainer_class
+from cbam_hrnet_d2.cpu.amp import CPUAMPTrainer, cpu_amp_trainer, trainer_class
 from cbam_hrnet_d2.fixed_work import synthetic_batch
 
 from .common import get_config
@@ -60,7 +60,7 @@ class TestCPUAMP(unittest.TestCase):
         base = SimpleTrainer(torch.nn.Linear(1, 1), [], torch.optim.SGD([torch.zeros(1)], lr=0.1))
         cfg = get_config(CONFIG, ["SOLVER.AMP.ENABLED", True])
         with mock.patch.object(precision, "native_bf16", lambda device: False):
-            with self.assertLogs("cbam_hrnet_d2.precision", "WARNING") as logs:
+            with self.assertLogs("cbam_hrnet_d2.modeling.precision", "WARNING") as logs:
                 self.assertIsInstance(cpu_amp_trainer(cfg, base), CPUAMPTrainer)
                 self.assertIs(trainer_class(True, "cpu"), CPUAMPTrainer)
         self.assertIn("SOLVER.AMP.ENABLED = True", logs.output[0])

@@ -27,7 +27,7 @@ from cbam_hrnet_d2.data import (
     register_from_cfg,
     validate_coco_json,
 )
-from cbam_hrnet_d2.data_loader import RobustDatasetMapper, build_train_loader
+from cbam_hrnet_d2.data.build import RobustDatasetMapper, build_train_loader
 from cbam_hrnet_d2.fixed_work import synthetic_batch
 
 from .common import CONFIGS, get_config, load_tool

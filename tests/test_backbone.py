@@ -6,7 +6,7 @@ from detectron2.modeling import build_backbone
 from torch import nn
 
 from cbam_hrnet_d2 import CBAM, CBAMFPN
-from cbam_hrnet_d2.hrnet import HRNET_FEATURES, HRNET_STAGES, hrnet_branch_channels
+from cbam_hrnet_d2.modeling.hrnet import HRNET_FEATURES, HRNET_STAGES, hrnet_branch_channels
 
 from .common import get_config
 

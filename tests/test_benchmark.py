@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from cbam_hrnet_d2.fixed_work import REFERENCE, FixedProposals, load_cfg, synthetic_batch
-from cbam_hrnet_d2.precision import native_bf16
+from cbam_hrnet_d2.modeling.precision import native_bf16
 
 from .common import DEFAULT_CONFIG, REPO, load_tool
 
@@ -171,7 +171,7 @@ class TestTreatedReferenceAndEmulatedBf16(unittest.TestCase):
 
 
 def _child_peaks(queue):
-    from cbam_hrnet_d2.memory import peak_rss_mib
+    from cbam_hrnet_d2.utils.memory import peak_rss_mib
 
     before = peak_rss_mib()
     block = torch.ones(128 * 2**20 // 4)  # 128 MiB, touched

@@ -3,7 +3,7 @@ import unittest
 
 import torch
 
-from cbam_hrnet_d2.cbam import CBAM, record_attention
+from cbam_hrnet_d2.modeling.cbam import CBAM, record_attention
 
 
 def _sigmoid(v):

@@ -65,7 +65,7 @@ class TestBadTrainingValues(unittest.TestCase):
     def test_unknown_optimizer_names_key_value_and_allowed_values(self):
         from detectron2.modeling import build_model
 
-        from cbam_hrnet_d2.solver import build_optimizer
+        from cbam_hrnet_d2.engine.optimizer import build_optimizer
 
         cfg = get_config(opts=["SOLVER.OPTIMIZER", "Lion"])
         with self.assertRaisesRegex(ValueError, r"SOLVER.OPTIMIZER = 'Lion'.*\['SGD', 'AdamW'\]"):

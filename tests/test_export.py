@@ -17,7 +17,7 @@ import torch
 from detectron2.modeling import build_model
 
 from cbam_hrnet_d2.data import generate_shapes
-from cbam_hrnet_d2.export import FORMATS, load_exported, load_sample_image
+from cbam_hrnet_d2.export.runtime import FORMATS, load_exported, load_sample_image
 
 from .common import REPO, get_config, load_tool
 from .test_training import CONFIG, run_train_net

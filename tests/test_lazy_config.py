@@ -14,9 +14,9 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 from detectron2.solver import LRMultiplier, build_lr_scheduler
 
-from cbam_hrnet_d2.checkpoint import SafeCheckpointer
+from cbam_hrnet_d2.checkpoint.checkpointer import SafeCheckpointer
 from cbam_hrnet_d2.data import generate_shapes
-from cbam_hrnet_d2.solver import build_optimizer
+from cbam_hrnet_d2.engine.optimizer import build_optimizer
 
 from .common import CONFIGS, REPO, get_config
 

@@ -9,7 +9,7 @@ import torch
 from detectron2.modeling import build_model
 
 from cbam_hrnet_d2.fixed_work import calibrate_norm_statistics
-from cbam_hrnet_d2.precision import (
+from cbam_hrnet_d2.modeling.precision import (
     AUTO_BF16_MIN_PIXELS,
     PRECISIONS,
     autocast_dtype,
@@ -146,7 +146,7 @@ class TestEmulatedBf16(unittest.TestCase):
                 self.subTest(native=native),
                 mock.patch.object(precision, "native_bf16", lambda device, n=native: n),
             ):
-                with self.assertLogs("cbam_hrnet_d2.precision", "WARNING") as logs:
+                with self.assertLogs("cbam_hrnet_d2.modeling.precision", "WARNING") as logs:
                     precision.logger.warning("marker")
                     self.assertEqual(precision.warn_if_emulated_bf16("KEY = 1", "cpu"), warned)
                 text = "\n".join(logs.output[1:])
@@ -163,7 +163,7 @@ class TestEmulatedBf16(unittest.TestCase):
         model = build("bf16")
         x = torch.rand(1, 3, 64, 96)
         with mock.patch.object(precision, "native_bf16", lambda device: False):
-            with self.assertLogs("cbam_hrnet_d2.precision", "WARNING") as logs:
+            with self.assertLogs("cbam_hrnet_d2.modeling.precision", "WARNING") as logs:
                 with torch.no_grad():
                     model.backbone(x)
                     model.backbone(x)

@@ -16,7 +16,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from cbam_hrnet_d2.checkpoint import FileWriteError, SafeCheckpointer, load_tensor_file
+from cbam_hrnet_d2.checkpoint.checkpointer import FileWriteError, SafeCheckpointer, load_tensor_file
 
 from .test_training import TrainingTestCase, run_train_net
 
@@ -177,7 +177,7 @@ class TestFailedCheckpointWrite(unittest.TestCase):
 
     def test_permission_denied_names_path_and_leaves_the_previous_checkpoint(self):
         with mock.patch(
-            "cbam_hrnet_d2.files.open",
+            "cbam_hrnet_d2.utils.files.open",
             side_effect=PermissionError(errno.EACCES, "Permission denied"),
             create=True,
         ):
@@ -189,7 +189,7 @@ class TestFailedCheckpointWrite(unittest.TestCase):
 
     def test_io_error_while_tagging_last_checkpoint_keeps_the_old_tag(self):
         with mock.patch(
-            "cbam_hrnet_d2.files.os.fsync",
+            "cbam_hrnet_d2.utils.files.os.fsync",
             side_effect=[None, OSError(errno.EIO, "Input/output error")],
         ):
             with self.assertRaisesRegex(

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from cbam_hrnet_d2.checkpoint import load_tensor_file
+from cbam_hrnet_d2.checkpoint.checkpointer import load_tensor_file
 
 from .test_training import TrainingTestCase, run_train_net
 

@@ -9,8 +9,8 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes
 from torchvision.ops import roi_align
 
-from cbam_hrnet_d2.cpu import keep_large_allocations_in_heap
-from cbam_hrnet_d2.roi_align import SparseROIAlign, SparseROIAlignROIHeads, use_sparse_roi_align
+from cbam_hrnet_d2.cpu.process import keep_large_allocations_in_heap
+from cbam_hrnet_d2.cpu.roi_align import SparseROIAlign, SparseROIAlignROIHeads, use_sparse_roi_align
 
 from .common import get_config
 

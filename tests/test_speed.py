@@ -6,8 +6,8 @@ import unittest
 import torch
 from detectron2.modeling import build_model
 
+from cbam_hrnet_d2.cpu.fold_bn import FoldedTrunk, conv_bn_pairs
 from cbam_hrnet_d2.fixed_work import FixedWork, calibrate_norm_statistics
-from cbam_hrnet_d2.fold_bn import FoldedTrunk, conv_bn_pairs
 
 from .common import get_config
 
@@ -219,13 +219,13 @@ class TestActivationCheckpointing(unittest.TestCase):
         return on.train(), off.train()
 
     def test_on_by_default_for_frozen_bn_and_off_for_batchnorm(self):
-        from cbam_hrnet_d2.hrnet import _RecomputedHRModule
+        from cbam_hrnet_d2.modeling.hrnet import _RecomputedHRModule
 
         def recomputed(trunk):
             return sum(isinstance(m, _RecomputedHRModule) for m in trunk.modules())
 
         self.assertEqual(recomputed(self.build(True)), 8)  # 1 + 4 + 3 modules of stages 2..4
-        with self.assertLogs("cbam_hrnet_d2.backbone", "INFO") as logs:
+        with self.assertLogs("cbam_hrnet_d2.modeling.backbone", "INFO") as logs:
             bn_trunk = self.build(
                 True, ["MODEL.HRNET.NORM", "SyncBN", "MODEL.BACKBONE.FREEZE_AT", 0]
             )
@@ -235,7 +235,7 @@ class TestActivationCheckpointing(unittest.TestCase):
 
     def test_batchnorm_modules_are_left_unchanged_by_the_library_function_too(self):
         # one policy (issue 16): recompute_hrnet_modules skips what the config path skips
-        from cbam_hrnet_d2.hrnet import (
+        from cbam_hrnet_d2.modeling.hrnet import (
             _RecomputedHRModule,
             build_hrnet_trunk,
             recompute_hrnet_modules,

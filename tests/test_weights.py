@@ -10,9 +10,9 @@ import torch
 from detectron2.modeling import build_model
 from safetensors.torch import save_file
 
-from cbam_hrnet_d2.checkpoint import SafeCheckpointer, load_tensor_file
-from cbam_hrnet_d2.convert import convert
-from cbam_hrnet_d2.hrnet import HRNET_FEATURES
+from cbam_hrnet_d2.checkpoint.checkpointer import SafeCheckpointer, load_tensor_file
+from cbam_hrnet_d2.checkpoint.hrnet_weights import convert
+from cbam_hrnet_d2.modeling.hrnet import HRNET_FEATURES
 
 from .common import CONFIGS, get_config
 
@@ -128,7 +128,7 @@ class TestHRNetWeights(unittest.TestCase):
         for part in (
             "MODEL.WEIGHTS",
             missing,
-            "python -m cbam_hrnet_d2.convert",
+            "python -m cbam_hrnet_d2.checkpoint.hrnet_weights",
             "mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml",
         ):
             self.assertIn(part, text)
@@ -143,7 +143,7 @@ class TestHRNetWeights(unittest.TestCase):
                 self.assert_trunk_equals_timm(model)
 
     def test_pretrained_report_lists_loaded_and_unused(self):
-        with self.assertLogs("cbam_hrnet_d2.convert", "INFO") as logs:
+        with self.assertLogs("cbam_hrnet_d2.checkpoint.hrnet_weights", "INFO") as logs:
             build_model(self.cfg(["MODEL.HRNET.PRETRAINED", self.timm_pth]))
         text = "\n".join(logs.output)
         self.assertRegex(text, r"\d+ trunk tensors loaded")
@@ -151,7 +151,7 @@ class TestHRNetWeights(unittest.TestCase):
         self.assertIn("CBAM, FPN and the detection heads start from random init", text)
 
     def test_model_weights_wins_over_pretrained_with_a_log_line(self):
-        with self.assertLogs("cbam_hrnet_d2.backbone", "INFO") as logs:
+        with self.assertLogs("cbam_hrnet_d2.modeling.backbone", "INFO") as logs:
             model = build_model(
                 self.cfg(["MODEL.HRNET.PRETRAINED", self.timm_pth, "MODEL.WEIGHTS", "some.pth"])
             )

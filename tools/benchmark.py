@@ -1,7 +1,7 @@
 """Measure models on this machine, always next to detectron2's own R50-FPN Mask R-CNN:
 
     python tools/benchmark.py --configs configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml \
-        "configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml MODEL.HRNET.FOLD_BN False" \
+        "configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml MODEL.CPU.SPARSE_ROI_ALIGN False" \
         --size 800 1216 --iters 5 --train-batch 2 --out output/benchmark
 
 Per config: parameters; GMAC of backbone+FPN and of the whole model (fvcore); batch-1 eval latency
@@ -17,12 +17,13 @@ best of several, measured in the same run). Writes benchmark.md and benchmark.js
 
 Precision: each row runs its config's TEST.PRECISION (give "cfg.yaml TEST.PRECISION bf16" for a
 row per precision) and trains under bf16 autocast with "SOLVER.AMP.ENABLED True" (fp32 otherwise).
-detectron2's R50-FPN runs as shipped, and once more with the treatment our backbone gets when the
-spec is ``R50+channels_last+bf16``: backbone + FPN channels-last and under bf16 autocast, float32
-outputs; ``R50+channels_last`` is the same in fp32 (the fair comparison where ours runs fp32).
-Rows that differ from another only in inference-only keys (TEST.*, MODEL.HRNET.COMPILE) are not
-trained again. ``first_calls_s`` is the first call of each timed part together, start-up
-costs included (compiling with MODEL.HRNET.COMPILE).
+Our rows get the CPU speed layer of their config (``MODEL.CPU.*``, cbam_hrnet_d2/cpu), as
+train_net.py applies it on the CPU. detectron2's R50-FPN runs as shipped, and once more with the
+treatment our model gets when the spec is ``R50+cpu_speedups+bf16``: the CPU speed layer and the
+backbone + FPN under bf16 autocast, float32 outputs; ``R50+cpu_speedups`` is the same in fp32 (the
+fair comparison where ours runs fp32). Rows that differ from another only in inference-only keys
+(TEST.*) are not trained again. ``first_calls_s`` is the first call of each timed part together,
+start-up costs included.
 
 On a CPU without native bf16 (no AVX512-BF16 / AMX) bf16 is emulated, 12-99x slower than fp32
 (matmul, conv; cbam_hrnet_d2/precision.py): the bf16 roof is then a 512x512 matmul (4096x4096
@@ -40,35 +41,101 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from detectron2 import model_zoo
 from detectron2.modeling import Backbone, build_model
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.analysis import FlopCountAnalysis
 from detectron2.utils.events import EventStorage
 from tabulate import tabulate
 
-from cbam_hrnet_d2.cpu import keep_large_allocations_in_heap
-from cbam_hrnet_d2.fixed_work import (
-    REFERENCE,
-    FixedProposals,
-    FixedWork,
-    calibrate_norm_statistics,
-    load_cfg,
-    synthetic_batch,
-)
-from cbam_hrnet_d2.fold_bn import batchnorm_unfolded
-from cbam_hrnet_d2.memory import peak_rss_mib
-from cbam_hrnet_d2.precision import autocast_dtype, native_bf16, run_autocast
+from cbam_hrnet_d2.config import load_config
+from cbam_hrnet_d2.cpu import apply_cpu_speedups, cpu_speedups
+from cbam_hrnet_d2.cpu.process import keep_large_allocations_in_heap
+from cbam_hrnet_d2.modeling.precision import autocast_dtype, native_bf16, run_autocast
+from cbam_hrnet_d2.utils.memory import peak_rss_mib
+from cbam_hrnet_d2.utils.testing import calibrate_norm_statistics, synthetic_batch
 
 logger = logging.getLogger("cbam_hrnet_d2.benchmark")
 
 # detectron2's R50-FPN given our backbone's treatment: channels-last, and bf16 autocast (the fair
 # comparison where the default runs bf16) or fp32 (where it runs fp32: a CPU without native bf16)
-REFERENCE_BF16 = "R50+channels_last+bf16"
-REFERENCE_CL = "R50+channels_last"
+REFERENCE_BF16 = "R50+cpu_speedups+bf16"
+REFERENCE_CL = "R50+cpu_speedups"
 TREATED = {REFERENCE_BF16: torch.bfloat16, REFERENCE_CL: None}
 # the reason given for rows not measured on a CPU that emulates bf16
 EMULATED_BF16 = (
     "skipped: bf16 is emulated on this CPU (no AVX512-BF16 / AMX); --emulated-bf16 runs it"
 )
+
+
+# detectron2's model-zoo config every measurement is compared with
+REFERENCE = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
+
+
+def load_cfg(config: str, opts: Sequence[str] = ()):
+    """``config`` (a file, or :data:`REFERENCE`) + ``opts`` on the CPU, without weights."""
+    path = model_zoo.get_config_file(config) if config == REFERENCE else config
+    cfg = load_config(path, opts)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    return cfg
+
+
+def fixed_boxes(h: int, w: int, num: int) -> Boxes:
+    """``num`` reproducible random boxes inside an (h, w) image, 8 px to 30% of each side."""
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(num, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
+    wh = torch.rand(num, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 8
+    return Boxes(torch.cat([xy, xy + wh], 1))
+
+
+class FixedProposals(torch.nn.Module):
+    """A proposal generator whose losses are computed as usual but whose proposals are ``num`` fixed
+    boxes per image (:func:`fixed_boxes`), so that the RoI heads of random-init models train on the
+    same boxes."""
+
+    def __init__(self, rpn: torch.nn.Module, num: int):
+        super().__init__()
+        self.rpn = rpn
+        self.num = num
+
+    def forward(self, images, features, gt_instances=None):
+        _, losses = self.rpn(images, features, gt_instances)
+        proposals = []
+        for h, w in images.image_sizes:
+            inst = Instances((h, w))
+            boxes = fixed_boxes(h, w, self.num)
+            boxes.clip((h, w))  # as the RPN clips its proposals
+            inst.proposal_boxes = boxes.to(images.tensor.device)
+            inst.objectness_logits = torch.zeros(self.num, device=images.tensor.device)
+            proposals.append(inst)
+        return proposals, losses
+
+
+class FixedWork(torch.nn.Module):
+    """The whole Mask R-CNN at test time with the box counts fixed, so that random-init models of
+    different backbones do the same work: backbone + FPN, the RPN (its proposals discarded), the box
+    head on ``num_proposals`` fixed boxes and the mask head on ``num_detections`` fixed boxes.
+    (Final mask pasting into the image is left out.)"""
+
+    def __init__(self, model, h: int, w: int, num_proposals: int = 1000, num_detections: int = 100):
+        super().__init__()
+        self.model = model
+        self.boxes = fixed_boxes(h, w, num_proposals)
+        self.num_detections = num_detections
+        self.hw = (h, w)
+
+    def forward(self, x: torch.Tensor):
+        model, roi = self.model, self.model.roi_heads
+        features = model.backbone(x)
+        model.proposal_generator(ImageList(x, [self.hw]), features, None)
+        box_features = roi.box_pooler([features[f] for f in roi.box_in_features], [self.boxes])
+        scores, _ = roi.box_predictor(roi.box_head(box_features))
+        inst = Instances(self.hw)
+        inst.pred_boxes = self.boxes[: self.num_detections]
+        inst.pred_classes = torch.zeros(self.num_detections, dtype=torch.long)
+        masks = roi._forward_mask(features, [inst])
+        return scores, masks[0].pred_masks
 
 
 class _Autocast(Backbone):
@@ -130,6 +197,8 @@ def _train_worker(
     torch.manual_seed(0)
     cfg = load_cfg(config, opts)
     model = build_model(cfg)
+    if config != REFERENCE:
+        apply_cpu_speedups(model, cfg)
     calibrate_norm_statistics(model.backbone, torch.rand(1, 3, h, w) * 2 - 1)
     model.proposal_generator = FixedProposals(
         model.proposal_generator, cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN
@@ -185,6 +254,10 @@ def prepare_inference(
     treated = config in TREATED
     cfg = load_cfg(REFERENCE if treated else config, opts)
     model = build_model(cfg).eval()
+    if treated:
+        cpu_speedups(model)
+    elif config != REFERENCE:
+        apply_cpu_speedups(model, cfg)
     image = torch.rand(3, h, w) * 255
     x = model.preprocess_image([{"image": image}]).tensor
     # TEST.PRECISION as the backbone applies it (detectron2's own backbones run fp32)
@@ -199,25 +272,21 @@ def prepare_inference(
         row["skipped"] = EMULATED_BF16  # before any forward pass: emulated bf16 takes minutes
         return row, {}
     calibrate_norm_statistics(model.backbone, x)
-    # the bottom-up network as the model runs it (for HRNet: the trunk, BN-folded in eval mode when
-    # MODEL.HRNET.FOLD_BN, plus any CBAM on its branches)
+    # the bottom-up network as the model runs it (for HRNet: the trunk plus any CBAM on its
+    # branches)
     trunk = getattr(model.backbone, "bottom_up", model.backbone)
-    if treated:
-        model.backbone.to(memory_format=torch.channels_last)
-        if dtype is not None:
-            model.backbone = _Autocast(model.backbone)
+    if treated and dtype is not None:
+        model.backbone = _Autocast(model.backbone)
     whole = FixedWork(model, h, w)
 
     def gmac(module, inputs):
         count = FlopCountAnalysis(module, inputs).unsupported_ops_warnings(False)
         return count.uncalled_modules_warnings(False).total() / 1e9
 
-    # the architecture's count: BatchNorms unfolded (MODEL.HRNET.FOLD_BN's view is no submodule,
-    # which fvcore's per-module bookkeeping cannot follow), float32 (FlopCountAnalysis traces)
-    with batchnorm_unfolded(model):
-        row["backbone_fpn_GMAC"] = gmac(model.backbone, x)
-        row["trunk_GMAC"] = gmac(trunk, x)
-        row["model_GMAC"] = gmac(whole, x)
+    # the architecture's count, float32 (FlopCountAnalysis traces)
+    row["backbone_fpn_GMAC"] = gmac(model.backbone, x)
+    row["trunk_GMAC"] = gmac(trunk, x)
+    row["model_GMAC"] = gmac(whole, x)
 
     def run_trunk():  # in the precision the backbone runs it
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -265,7 +334,7 @@ def time_interleaved(
 
 
 # keys that change inference only: rows that differ from another only in these are not trained
-INFERENCE_ONLY = ("TEST.", "MODEL.HRNET.COMPILE")
+INFERENCE_ONLY = ("TEST.",)
 
 
 def _split(spec: str):
@@ -379,7 +448,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         row["backbone_fpn_speedup_vs_R50"] = ref["backbone_fpn_s"] / row["backbone_fpn_s"]
         row["model_speedup_vs_R50"] = ref["model_s"] / row["model_s"]
         # against R50 given the same channels-last (+ bf16) treatment
-        for spec, key in ((REFERENCE_BF16, "_bf16"), (REFERENCE_CL, "_channels_last")):
+        for spec, key in ((REFERENCE_BF16, "_bf16"), (REFERENCE_CL, "_cpu_speedups")):
             if "backbone_fpn_s" in rows.get(spec, {}):
                 treated = rows[spec]["backbone_fpn_s"]
                 row["backbone_fpn_speedup_vs_R50" + key] = treated / row["backbone_fpn_s"]

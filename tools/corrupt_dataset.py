@@ -18,7 +18,7 @@ dropped. Boxes are the annotated ones, scaled with the image, except for the sid
 moved, which become the cut mask's extent (a mask rasterised from polygons ends ~1.2 px short of
 the annotated box on the right and bottom, so boxes recomputed from masks shrank every instance).
 Written with PIL and numpy alone, independently of the training augmentation
-(cbam_hrnet_d2/augment.py), so it does not test that code against itself.
+(cbam_hrnet_d2/data/augment.py), so it does not test that code against itself.
 """
 
 import argparse
@@ -32,7 +32,7 @@ import pycocotools.mask as mask_util
 from detectron2.utils.logger import setup_logger
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
-from cbam_hrnet_d2.files import atomic_write_text
+from cbam_hrnet_d2.utils.files import atomic_write_text
 
 logger = logging.getLogger("corrupt_dataset")
 

@@ -9,7 +9,7 @@ tools/deploy/export_model.py does:
         MODEL.WEIGHTS output/quickstart/model_final.pth
 
 Writes OUTPUT/model.ts or OUTPUT/model.onnx. What the exported model takes and returns:
-cbam_hrnet_d2/export.py. ``--run-eval`` evaluates the exported file (TorchScript, or ONNX Runtime on
+cbam_hrnet_d2/export/. ``--run-eval`` evaluates the exported file (TorchScript, or ONNX Runtime on
 the CPU) on the config's first test dataset and prints COCO AP, as ``train_net.py --eval-only``.
 """
 
@@ -28,9 +28,10 @@ from detectron2.utils.logger import setup_logger
 
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
 from cbam_hrnet_d2.config import load_config
-from cbam_hrnet_d2.cpu import set_cpu_threads
+from cbam_hrnet_d2.cpu import apply_cpu_speedups
+from cbam_hrnet_d2.cpu.process import set_cpu_threads
 from cbam_hrnet_d2.data import check_datasets, register_from_cfg
-from cbam_hrnet_d2.data_loader import build_test_loader
+from cbam_hrnet_d2.data.build import build_test_loader
 from cbam_hrnet_d2.export import FORMATS, export, load_exported, load_sample_image
 
 logger = logging.getLogger("cbam_hrnet_d2.export_model")
@@ -99,7 +100,8 @@ def main(argv=None) -> dict:
         )
     set_cpu_threads(cfg.MODEL.DEVICE)
     register_from_cfg(cfg)
-    model = build_model(cfg).eval()
+    # eager as users run it on the CPU (the CPU speed layer traces as detectron2's own ops)
+    model = apply_cpu_speedups(build_model(cfg), cfg).eval()
     SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
 
     if not args.sample_image or args.latency or args.run_eval:

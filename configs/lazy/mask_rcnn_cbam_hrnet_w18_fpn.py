@@ -9,9 +9,8 @@ from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from cbam_hrnet_d2.backbone import CBAMHRNet, hrnet_fpn
-from cbam_hrnet_d2.hrnet import HRNET_FEATURES
-from cbam_hrnet_d2.roi_align import SparseROIAlignROIHeads
+from cbam_hrnet_d2.modeling.backbone import CBAMHRNet, hrnet_fpn
+from cbam_hrnet_d2.modeling.hrnet import HRNET_FEATURES
 
 model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
@@ -20,7 +19,7 @@ optimizer = model_zoo.get_config("common/optim.py").SGD
 train = model_zoo.get_config("common/train.py").train
 
 # The backbone: the CBAM-HRNet trunk (the arguments the YAML builder passes for the 1x config)
-# under detectron2's FPN with LastLevelMaxPool, channels-last like the trunk.
+# under detectron2's FPN with LastLevelMaxPool.
 model.backbone = L(hrnet_fpn)(
     bottom_up=L(CBAMHRNet)(
         width=18,
@@ -30,9 +29,6 @@ model.backbone = L(hrnet_fpn)(
         cbam_reduction=16,
         cbam_kernel_size=7,
         freeze_at=2,
-        channels_last=True,
-        fold_bn=True,
-        activation_checkpointing=True,
     ),
     cbam_on_outputs=False,
     in_features=list(HRNET_FEATURES),
@@ -40,16 +36,16 @@ model.backbone = L(hrnet_fpn)(
     norm="",
     top_block=L(LastLevelMaxPool)(),
     fuse_type="sum",
-    precision="auto",  # TEST.PRECISION of the YAML configs (cbam_hrnet_d2/precision.py)
+    precision="auto",  # TEST.PRECISION of the YAML configs (cbam_hrnet_d2/modeling/precision.py)
 )
-# detectron2's StandardROIHeads with the multi-threaded CPU RoIAlign (the YAML base's choice)
-model.roi_heads._target_ = SparseROIAlignROIHeads
 # timm's ImageNet statistics, RGB (as the YAML base)
 model.pixel_mean = [123.675, 116.28, 103.53]
 model.pixel_std = [58.395, 57.12, 57.375]
 model.input_format = "RGB"
 dataloader.train.mapper.image_format = "RGB"
 
-# ImageNet weights made by `python -m cbam_hrnet_d2.convert` (README)
+# ImageNet weights made by `tools/convert_hrnet_weights.py` (docs/weights.md)
 train.init_checkpoint = "weights/hrnet_w18_in1k_d2.safetensors"
 train.device = "cuda"
+# the CPU speed layer (MODEL.CPU of the YAML configs), applied where train.device is "cpu"
+train.cpu_speedups = dict(channels_last=True, sparse_roi_align=True, fold_bn=True)

@@ -12,7 +12,8 @@ from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 import cbam_hrnet_d2.data  # noqa: F401  (registers shapes_train / shapes_val)
-from cbam_hrnet_d2.data_loader import RobustDatasetMapper
+from cbam_hrnet_d2.data.build import RobustDatasetMapper
+from cbam_hrnet_d2.modeling.roi_heads import CappedMaskROIHeads
 
 from .mask_rcnn_cbam_hrnet_w18_fpn import dataloader, model, train
 
@@ -20,7 +21,6 @@ from .mask_rcnn_cbam_hrnet_w18_fpn import dataloader, model, train
 _bottom_up = model.backbone.bottom_up
 _bottom_up.norm = "GN"
 _bottom_up.freeze_at = 0
-_bottom_up.activation_checkpointing = False
 model.backbone.out_channels = 128
 model.backbone.norm = "GN"
 model.proposal_generator.head.in_channels = 128
@@ -29,6 +29,7 @@ model.proposal_generator.pre_nms_topk = (500, 300)
 model.proposal_generator.post_nms_topk = (200, 100)
 model.proposal_generator.batch_size_per_image = 128
 _roi = model.roi_heads
+_roi._target_ = CappedMaskROIHeads
 _roi.num_classes = 6
 _roi.batch_size_per_image = 128
 _roi.positive_fraction = 0.25

@@ -1,15 +1,21 @@
 #!/usr/bin/env python
-"""Run the CBAM ablation and write its table (Markdown + JSON) from the runs' files:
+"""Run the CBAM ablation at a budget and write its table (Markdown + JSON):
 
-    # all rows, seeds 1 2 (~80 min, 2-core CPU)
-    python projects/cbam_ablation/run_ablation.py
-    # rebuild the table from finished runs
-    python projects/cbam_ablation/run_ablation.py --report-only
+    # the quickstart's full budget (1150 iterations), CBAM on the branches vs none, seeds 1-3
+    python projects/cbam_ablation/run_ablation.py --budget full --rows cbam_branches no_cbam
+    # the 2026-11-24 sweep: 400 iterations, four rows, seeds 1-2
+    python projects/cbam_ablation/run_ablation.py --budget 400 --seeds 1 2
+    # the table from finished runs only
+    python projects/cbam_ablation/run_ablation.py --budget full --report-only
 
-Each (row, seed) trains with ``train_net.py`` into ``--out/ROW/seedN`` and is skipped when its
-``results.json`` exists, so an interrupted sweep continues where it stopped. Inference ms/image is
-detectron2's "pure compute time" of the final evaluation (batch 1, 200 val images); training minutes
-are the run's wall time minus that evaluation.
+Each (row, seed) trains with ``train_net.py --resume`` into ``--out/BUDGET/ROW/seedN`` (a run
+stopped part-way continues from its last checkpoint), is evaluated on
+``shapes_val`` (the training run's own evaluation) and on ``shapes_val_hard`` (JPEG, blur, noise,
+low contrast, texture, occluders, stretch; written by ``tools/corrupt_dataset.py`` if missing), and
+leaves a record in ``runs/BUDGET/ROW/seedN.json`` here, which is committed. A run whose record
+exists is skipped, so the sweep continues where it stopped, across sessions and fresh clones.
+Inference ms/image is detectron2's "pure compute time" of the shapes_val evaluation (batch 1);
+training minutes are the run's wall time minus that evaluation.
 """
 
 import argparse
@@ -21,45 +27,51 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Dict, List
 
-from detectron2.modeling import build_model
-from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
-
-from cbam_hrnet_d2.config import load_config
-from cbam_hrnet_d2.files import atomic_write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-
-ROWS = {
-    "cbam_branches": "CBAM on HRNet-W18 branches (seed design)",
-    "cbam_fpn": "CBAM after the FPN",
-    "no_cbam": "HRNet-W18, no CBAM",
-    "r50_fpn": "Detectron2 R50-FPN",
+QUICKSTART = os.path.join(REPO, "configs", "shapes", "mask_rcnn_CBAM_HRNet_W18_FPN_shapes.yaml")
+# config and default seeds of each budget
+BUDGETS = {
+    "400": (os.path.join(HERE, "configs", "Base-ablation.yaml"), [1, 2]),
+    "full": (QUICKSTART, [1, 2, 3]),
 }
+_R50 = [
+    "MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone", "MODEL.BACKBONE.FREEZE_AT", "0",
+    "MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.NORM", "GN",
+    "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']",
+    "MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']",
+]  # fmt: skip
+# row -> (title, overrides of the budget's config)
+ROWS = {
+    "cbam_branches": ("CBAM on HRNet-W18 branches (seed design)", []),
+    "cbam_fpn": ("CBAM after the FPN", ["MODEL.CBAM.POSITION", "fpn"]),
+    "no_cbam": ("HRNet-W18, no CBAM", ["MODEL.CBAM.ENABLED", "False"]),
+    "r50_fpn": ("Detectron2 R50-FPN", _R50),
+    "hard_aug": ("CBAM on the branches + INPUT.HARD_AUG", ["INPUT.HARD_AUG.ENABLED", "True"]),
+}
+DATASETS = os.getenv("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
+HARD = os.path.join(DATASETS, "shapes_val_hard")
+HARD_OPTS = [
+    "DATASETS.REGISTER_COCO",
+    str([["shapes_val_hard", os.path.join(HARD, "val.json"), os.path.join(HARD, "images")]]),
+    "DATASETS.TEST",
+    "('shapes_val_hard',)",
+]
 logger = logging.getLogger("cbam_ablation")
 
 
-def config_path(row: str) -> str:
-    return os.path.join(HERE, "configs", f"{row}.yaml")
+def record_path(budget: str, row: str, seed: int) -> str:
+    return os.path.join(HERE, "runs", budget, row, f"seed{seed}.json")
 
 
-def run_one(row: str, seed: int, out: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    cmd = [
-        sys.executable,
-        os.path.join(REPO, "train_net.py"),
-        "--config-file",
-        config_path(row),
-        "SEED",
-        str(seed),
-        "OUTPUT_DIR",
-        out,
-    ]
+def _train_net(args: List[str], log_file: str) -> None:
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), *args]
     logger.info("Running %s", " ".join(cmd))
-    start = time.time()
-    with open(os.path.join(out, "stdout.txt"), "w") as log:
+    with open(log_file, "w") as log:
         proc = subprocess.run(
             cmd,
             cwd=REPO,
@@ -67,13 +79,8 @@ def run_one(row: str, seed: int, out: str) -> None:
             stderr=subprocess.STDOUT,
             env=dict(os.environ, PYTHONWARNINGS="ignore"),
         )
-    wall = time.time() - start
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"{row} seed {seed} failed (exit {proc.returncode}); see {out}/stdout.txt"
-        )
-    with open(os.path.join(out, "run.json"), "w") as f:
-        json.dump({"wall_s": wall, "command": cmd}, f)
+        raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd)}; see {log_file}")
 
 
 def _seconds(text: str) -> float:
@@ -81,99 +88,149 @@ def _seconds(text: str) -> float:
     return int(h) * 3600 + int(m) * 60 + float(s)
 
 
-def read_run(out: str) -> dict:
-    with open(os.path.join(out, "results.json")) as f:
-        results = next(iter(json.load(f).values()))
-    with open(os.path.join(out, "run.json")) as f:
-        wall = json.load(f)["wall_s"]
+def _aps(results_json: str) -> Dict[str, float]:
+    with open(results_json) as f:
+        tasks = next(iter(json.load(f).values()))
+    return {"bbox_AP": tasks["bbox"]["AP"], "segm_AP": tasks["segm"]["AP"]}
+
+
+def ensure_hard_set() -> None:
+    if os.path.isfile(os.path.join(HARD, "val.json")):
+        return
+    shapes = os.path.join(DATASETS, "shapes")
+    subprocess.run([sys.executable, "-m", "cbam_hrnet_d2.data", "--splits", "val"], check=True)
+    tool = os.path.join(REPO, "tools", "corrupt_dataset.py")
+    json_file, images = os.path.join(shapes, "val.json"), os.path.join(shapes, "val")
+    cmd = [sys.executable, tool, "--json", json_file, "--images", images, "--out", HARD]
+    subprocess.run(cmd, check=True)
+
+
+def run_one(budget: str, row: str, seed: int, out: str) -> dict:
+    """Train, evaluate on shapes_val (in training) and shapes_val_hard; return the record."""
+    os.makedirs(out, exist_ok=True)
+    config = BUDGETS[budget][0]
+    start = time.time()
+    train = ["--config-file", config, *ROWS[row][1], "SEED", str(seed), "OUTPUT_DIR", out]
+    # --resume: a run stopped part-way (a session that ended) continues from its last checkpoint
+    _train_net(["--resume", *train, "TEST.EVAL_PERIOD", "0"], os.path.join(out, "stdout.txt"))
+    wall = time.time() - start
+    hard_out = os.path.join(out, "hard")
+    weights = os.path.join(out, "model_final.pth")
+    _train_net(
+        ["--config-file", config, "--eval-only", *ROWS[row][1], "MODEL.WEIGHTS", weights]
+        + ["OUTPUT_DIR", hard_out, *HARD_OPTS],
+        os.path.join(out, "stdout_hard.txt"),
+    )
     with open(os.path.join(out, "log.txt")) as f:
         log = f.read()
     total = re.findall(r"Total inference time: ([0-9:.]+)", log)[-1]
     pure = re.findall(r"Total inference pure compute time: .*?\(([0-9.]+) s / iter", log)[-1]
-    return {
-        "bbox_AP": results["bbox"]["AP"],
-        "segm_AP": results["segm"]["AP"],
+    record = {
+        "val": _aps(os.path.join(out, "results.json")),
+        "hard": _aps(os.path.join(hard_out, "results.json")),
         "infer_ms": float(pure) * 1000,
         "train_min": (wall - _seconds(total)) / 60,
+        "finished": time.strftime("%Y-%m-%d %H:%M"),
+        "command": " ".join(["python train_net.py", *train]),
     }
+    path = record_path(budget, row, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    return record
 
 
 def _mean_spread(values):
-    mean = statistics.mean(values)
-    return mean, (max(values) - min(values)) / 2
+    return statistics.mean(values), (max(values) - min(values)) / 2
 
 
-def report(root: str, rows, seeds, dest: str) -> None:
+def report(budget: str, rows, seeds, dest: str) -> str:
+    """results_BUDGET.md / .json from the committed records; returns the Markdown table."""
     table, data = [], {}
     for row in rows:
         runs = {}
         for seed in seeds:
-            out = os.path.join(root, row, f"seed{seed}")
-            if os.path.exists(os.path.join(out, "run.json")):
-                runs[seed] = read_run(out)
+            if os.path.exists(record_path(budget, row, seed)):
+                with open(record_path(budget, row, seed)) as f:
+                    runs[seed] = json.load(f)
         if not runs:
             continue
-        cfg = load_config(config_path(row))
-        params = sum(p.numel() for p in build_model(cfg).parameters())
-        stats = {k: _mean_spread([r[k] for r in runs.values()]) for k in next(iter(runs.values()))}
-        data[row] = {"seeds": runs, "params": params, "mean_spread": stats}
-        fmt = lambda k: f"{stats[k][0]:.1f} ± {stats[k][1]:.1f}"  # noqa: E731
+        values = {
+            f"{split}_{k}": [r[split][k] for r in runs.values()]
+            for split in ("val", "hard")
+            for k in ("bbox_AP", "segm_AP")
+        }
+        values["infer_ms"] = [r["infer_ms"] for r in runs.values()]
+        values["train_min"] = [r["train_min"] for r in runs.values()]
+        stats = {k: _mean_spread(v) for k, v in values.items()}
+        data[row] = {"seeds": runs, "mean_spread": stats}
+
+        def fmt(k):
+            return f"{stats[k][0]:.1f} ± {stats[k][1]:.1f}"
+
+        per_seed = ", ".join(
+            f"{s}: {r['val']['bbox_AP']:.1f}/{r['hard']['bbox_AP']:.1f}" for s, r in runs.items()
+        )
         table.append(
-            [
-                ROWS[row],
-                fmt("bbox_AP"),
-                fmt("segm_AP"),
-                f"{params / 1e6:.2f} M",
-                f"{stats['infer_ms'][0]:.0f}",
-                f"{stats['train_min'][0]:.1f}",
-                ", ".join(f"{s}: {r['bbox_AP']:.1f}/{r['segm_AP']:.1f}" for s, r in runs.items()),
-            ]
+            [ROWS[row][0], len(runs), fmt("val_bbox_AP"), fmt("val_segm_AP")]
+            + [fmt("hard_bbox_AP"), fmt("hard_segm_AP"), f"{stats['infer_ms'][0]:.0f}"]
+            + [f"{stats['train_min'][0]:.1f}", per_seed]
         )
     headers = [
         "model",
-        "bbox AP",
-        "segm AP",
-        "params",
-        "inference ms/img",
+        "seeds",
+        "val bbox AP",
+        "val segm AP",
+        "hard bbox AP",
+        "hard segm AP",
+        "infer ms/img",
         "train min",
-        "per seed (bbox/segm)",
+        "per seed (val/hard bbox)",
     ]
     md = tabulate(table, headers=headers, tablefmt="pipe", disable_numparse=True)
-    for name, text in (("results.md", md + "\n"), ("results.json", json.dumps(data, indent=2))):
-        atomic_write_text(os.path.join(dest, name), text)
-    logger.info("Table (mean ± half the spread over seeds) written to %s/results.md:\n%s", dest, md)
+    for name, text in (
+        (f"results_{budget}.md", md + "\n"),
+        (f"results_{budget}.json", json.dumps(data, indent=2)),
+    ):
+        with open(os.path.join(dest, name), "w") as f:
+            f.write(text)
+    logger.info(
+        "Table (mean ± half the spread over seeds) in %s/results_%s.md:\n%s", dest, budget, md
+    )
+    return md
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--budget", choices=list(BUDGETS), default="full")
+    parser.add_argument(
+        "--rows", nargs="+", default=["cbam_branches", "no_cbam"], choices=list(ROWS)
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the budget's")
     parser.add_argument("--out", default=os.path.join(REPO, "output", "cbam_ablation"))
-    parser.add_argument("--dest", default=HERE, help="where results.md / results.json go")
+    parser.add_argument("--dest", default=HERE, help="where results_BUDGET.md / .json go")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    setup_logger(name="cbam_ablation")
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
+    seeds = args.seeds or BUDGETS[args.budget][1]
     if not args.report_only:
         todo = [
             (r, s)
-            for s in args.seeds
+            for s in seeds
             for r in args.rows
-            if not os.path.exists(os.path.join(args.out, r, f"seed{s}", "run.json"))
+            if not os.path.exists(record_path(args.budget, r, s))
         ]
+        ensure_hard_set()
         start = time.time()
         for i, (row, seed) in enumerate(todo):
-            run_one(row, seed, os.path.join(args.out, row, f"seed{seed}"))
-            done = time.time() - start
-            logger.info(
-                "%d/%d runs done, ETA %.0f min",
-                i + 1,
-                len(todo),
-                done / (i + 1) * (len(todo) - i - 1) / 60,
-            )
-            report(args.out, args.rows, args.seeds, args.dest)
-    report(args.out, args.rows, args.seeds, args.dest)
+            out = os.path.join(args.out, args.budget, row, f"seed{seed}")
+            run_one(args.budget, row, seed, out)
+            eta = (time.time() - start) / (i + 1) * (len(todo) - i - 1) / 60
+            logger.info("%d/%d runs done, ETA %.0f min", i + 1, len(todo), eta)
+            report(args.budget, args.rows, seeds, args.dest)
+    report(args.budget, args.rows, seeds, args.dest)
 
 
 if __name__ == "__main__":

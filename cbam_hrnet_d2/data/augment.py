@@ -43,7 +43,7 @@ from detectron2.data.transforms import Augmentation, ColorTransform, ResizeTrans
 from detectron2.structures import BitMasks, Boxes, Instances
 from fvcore.transforms.transform import Transform
 
-from .shapes import _background
+from cbam_hrnet_d2.data.shapes import _background
 
 __all__ = [
     "with_hard_augmentations",

@@ -7,25 +7,25 @@ the run exits with ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT) aft
 says where the checkpoint is and how to resume. ``--resume`` continues from the next iteration
 (exactly, with ``DATALOADER.EXACT_RESUME``).
 
-With several processes (``--num-gpus N``), :func:`launch` forwards the signal from the launching
-process to its workers, so ``kill -TERM <pid of train_net.py>`` stops them all; a signal sent to the
-whole process group reaches each of them anyway (repeated signals are ignored).
+With several processes (``--num-gpus N``), :func:`cbam_hrnet_d2.engine.launch.launch` forwards the
+signal from the launching process to its workers, so ``kill -TERM <pid of train_net.py>`` stops
+them all; a signal sent to the whole process group reaches each of them anyway (repeated signals
+are ignored).
 """
 
 import logging
-import multiprocessing
 import os
 import shlex
 import signal
 import sys
-from typing import Optional
+from typing import Optional, Tuple
 
+import torch
+import torch.distributed as dist
 from detectron2.engine import HookBase
-from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
-from torch.multiprocessing import ProcessExitedException
 
-__all__ = ["Preemption", "TrainingStopped", "stop_requested", "launch", "STOP_SIGNALS"]
+__all__ = ["Preemption", "TrainingStopped", "stop_requested", "STOP_SIGNALS"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +49,31 @@ def _on_signal(signum, _frame) -> None:
         )
 
 
+_agreed: Optional[Tuple[int, bool]] = None  # (iteration, answer) of the last agreement
+
+
+def _any_process(flag: bool) -> bool:
+    """``flag`` OR-ed over all processes: one all-reduce of one integer, on the GPU with NCCL."""
+    if comm.get_world_size() == 1:
+        return flag
+    on_gpu = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def stop_requested(trainer) -> bool:
-    """Whether any process received a stop signal before the end of this iteration. A collective
-    with several processes: every process calls it at the same point of an iteration; the answer is
-    cached per iteration, so later calls in the same iteration agree with the first."""
-    cached = getattr(trainer, "_stop_agreed", None)
-    if cached is not None and cached[0] == trainer.iter:
-        return cached[1]
-    local = _received is not None
-    agreed = any(comm.all_gather(local)) if comm.get_world_size() > 1 else local
-    trainer._stop_agreed = (trainer.iter, agreed)
-    return agreed
+    """Whether any process received a stop signal before the end of this iteration. With several
+    processes a collective (one all-reduce of one integer per iteration): every process calls it
+    at the same point of an iteration; the answer is kept for the iteration, so later calls in the
+    same iteration (the :class:`~cbam_hrnet_d2.engine.resume.ExactResume` hook's, this hook's)
+    agree with the first and cost nothing."""
+    global _agreed
+    if _agreed is not None and _agreed[0] == trainer.iter:
+        return _agreed[1]
+    _agreed = (trainer.iter, _any_process(_received is not None))
+    return _agreed[1]
 
 
 def _resume_command() -> str:
@@ -76,8 +90,8 @@ class Preemption(HookBase):
         self._message = None
 
     def before_train(self):
-        global _received
-        _received = None
+        global _received, _agreed
+        _received, _agreed = None, None
         self._previous = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
 
     def after_train(self):
@@ -109,30 +123,3 @@ class Preemption(HookBase):
                 f"updated). Resume with: {_resume_command()}"
             )
         raise TrainingStopped(code)
-
-
-def launch(main_func, num_gpus_per_machine: int, *, num_machines: int = 1, **kwargs) -> None:
-    """detectron2's ``launch``; when it starts worker processes, a stop signal to this process is
-    forwarded to them, and this process exits with their exit code (143 after SIGTERM)."""
-    if num_gpus_per_machine * num_machines <= 1:
-        return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines, **kwargs)
-    forwarded = []
-
-    def forward(signum, _frame):
-        forwarded.append(signum)
-        for child in multiprocessing.active_children():
-            try:
-                os.kill(child.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
-    try:
-        d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines, **kwargs)
-    except ProcessExitedException as e:
-        if forwarded or e.exit_code in tuple(128 + int(s) for s in STOP_SIGNALS):
-            raise SystemExit(e.exit_code) from None
-        raise
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)

@@ -1,5 +1,5 @@
-"""Export a trained model by tracing (TorchScript, ONNX) and run the exported files as detectron2
-models (``tools/export_model.py`` is the command line).
+"""Export a trained model by tracing (TorchScript, ONNX); :mod:`.runtime` runs the files
+(``tools/export_model.py`` is the command line). Export runs on the CPU: the model is traced there.
 
 The exported model is what detectron2's traced Mask R-CNN is: it takes one image tensor (C, H, W),
 float, channels in ``INPUT.FORMAT`` order, already resized for the test (``INPUT.MIN_SIZE_TEST`` /
@@ -16,26 +16,15 @@ sizes; the BN-folded trunk's weights become constants of the graph).
 import copy
 import logging
 import os
-from typing import Dict, List, Sequence
 
 import torch
 from detectron2.data import DatasetMapper
 from detectron2.export import TracingAdapter
-from detectron2.modeling.postprocessing import detector_postprocess
-from detectron2.structures import Boxes, Instances
 from torch import nn
 
-from .files import atomic_write
+from cbam_hrnet_d2.utils.files import atomic_write
 
-__all__ = [
-    "FORMATS",
-    "OUTPUT_NAMES",
-    "load_sample_image",
-    "export",
-    "load_exported",
-    "TorchScriptModel",
-    "OnnxRuntimeModel",
-]
+__all__ = ["FORMATS", "OUTPUT_NAMES", "load_sample_image", "export"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,57 +126,3 @@ def export(model, image: torch.Tensor, fmt: str, output_dir: str) -> str:
             )
     logger.info("Exported %s (inputs: image (C, H, W); outputs: %s)", path, OUTPUT_NAMES)
     return path
-
-
-class _ExportedModel:
-    """A detectron2-style callable over an exported file: ``model([{"image", "height", "width"}])``
-    returns ``[{"instances": Instances}]`` at the original size, masks pasted."""
-
-    def run(self, image: torch.Tensor) -> Sequence[torch.Tensor]:
-        raise NotImplementedError
-
-    def __call__(self, inputs: List[Dict]) -> List[Dict]:
-        outputs = []
-        for item in inputs:
-            boxes, classes, masks, scores, size = self.run(item["image"].float())
-            inst = Instances(tuple(int(s) for s in size))
-            inst.pred_boxes, inst.pred_classes = Boxes(boxes), classes.long()
-            inst.pred_masks, inst.scores = masks, scores
-            h, w = item.get("height", inst.image_size[0]), item.get("width", inst.image_size[1])
-            outputs.append({"instances": detector_postprocess(inst, h, w)})
-        return outputs
-
-
-class TorchScriptModel(_ExportedModel):
-    def __init__(self, path: str):
-        self.module = torch.jit.load(path, map_location="cpu").eval()
-
-    def run(self, image):
-        with torch.no_grad():
-            return self.module(image)
-
-
-class OnnxRuntimeModel(_ExportedModel):
-    def __init__(self, path: str, threads: int = 0):
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise ImportError(
-                "ONNX Runtime is not installed: pip install -e .[deploy] (make setup does it)"
-            ) from e
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-    def run(self, image):
-        outputs = self.session.run(OUTPUT_NAMES, {"image": image.numpy()})
-        return [torch.from_numpy(o) for o in outputs]
-
-
-def load_exported(path: str) -> _ExportedModel:
-    """:class:`TorchScriptModel` for ``*.ts``, :class:`OnnxRuntimeModel` for ``*.onnx``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such exported model (tools/export_model.py writes it)")
-    if path.endswith(".onnx"):
-        return OnnxRuntimeModel(path)
-    return TorchScriptModel(path)

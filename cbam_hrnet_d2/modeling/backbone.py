@@ -2,7 +2,7 @@
 (``build_cbam_hrnet_fpn_backbone``). Both are registered in ``BACKBONE_REGISTRY``."""
 
 import logging
-from typing import Dict, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from detectron2.layers import ShapeSpec
@@ -10,10 +10,9 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from torch import nn
 
-from .cbam import CBAM
-from .convert import load_pretrained_trunk
-from .fold_bn import FoldedTrunk
-from .hrnet import (
+from cbam_hrnet_d2.checkpoint.hrnet_weights import load_pretrained_trunk
+from cbam_hrnet_d2.modeling.cbam import CBAM
+from cbam_hrnet_d2.modeling.hrnet import (
     HRNET_FEATURES,
     HRNET_NORMS,
     HRNET_STAGES,
@@ -23,7 +22,7 @@ from .hrnet import (
     freeze_hrnet_stages,
     recompute_hrnet_modules,
 )
-from .precision import (
+from cbam_hrnet_d2.modeling.precision import (
     PRECISIONS,
     autocast_dtype,
     check_precision,
@@ -59,9 +58,6 @@ class CBAMHRNet(Backbone):
         cbam_reduction: int = 16,
         cbam_kernel_size: int = 7,
         freeze_at: int = 0,
-        channels_last: bool = False,
-        fold_bn: bool = False,
-        compile_trunk: bool = False,
         activation_checkpointing: bool = False,
     ):
         """
@@ -73,19 +69,12 @@ class CBAMHRNet(Backbone):
             cbam_reduction (int): CBAM channel MLP reduction ratio.
             cbam_kernel_size (int): CBAM spatial conv kernel size.
             freeze_at (int): freeze the stem (1), + stage1 (2), ... (5 = whole trunk); 0 = nothing.
-            channels_last (bool): keep weights and activations in NHWC memory order (faster convs
-                on CPU; same results).
-            fold_bn (bool): in eval mode, run the trunk with its BatchNorms folded into the convs
-                (:class:`FoldedTrunk`; same results up to float rounding, gradients still reach
-                the trunk's weights).
-            compile_trunk (bool): with ``fold_bn``, run the folded trunk through ``torch.compile``
-                in eval mode without autograd (:class:`FoldedTrunk`).
             activation_checkpointing (bool): in training, recompute each stage-2..4 HRNet module in
                 backward instead of keeping its activations (:func:`recompute_hrnet_modules`;
                 modules with a BatchNorm that is not frozen are left out, with one log line).
         """
         super().__init__()
-        _check_trunk_args(width, norm, cbam_branches, cbam_reduction, cbam_kernel_size, freeze_at)
+        _check_trunk_args(width, norm, cbam_branches, freeze_at)
         self.trunk = build_hrnet_trunk(width, in_channels=in_channels, norm=norm)
         # names and strides are ours (hr2..hr5 at 4..32); channels and strides as timm reports them
         info = self.trunk.feature_info
@@ -100,6 +89,10 @@ class CBAMHRNet(Backbone):
             }
         )
         self.freeze(freeze_at)
+        # When set, a callable (trunk, x) -> features that runs the trunk in eval mode instead of
+        # trunk(x), with the same results: the CPU speed layer sets a BatchNorm-folding one
+        # (cbam_hrnet_d2/cpu/fold_bn.py). Not a submodule: no part of the state_dict.
+        self.eval_trunk: Optional[Callable[[nn.Module, torch.Tensor], List[torch.Tensor]]] = None
         if activation_checkpointing:
             _, skipped = recompute_hrnet_modules(self.trunk)
             if skipped:
@@ -111,16 +104,6 @@ class CBAMHRNet(Backbone):
                     len(skipped),
                     skipped[0],
                 )
-        self.channels_last = channels_last
-        self.fold_bn = fold_bn
-        if compile_trunk and not fold_bn:
-            raise ValueError(
-                "compile_trunk (MODEL.HRNET.COMPILE) compiles the BN-folded trunk: it needs "
-                "fold_bn (MODEL.HRNET.FOLD_BN True)"
-            )
-        self._folded = FoldedTrunk(compile=compile_trunk)
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
 
     @property
     def size_divisibility(self) -> int:
@@ -144,10 +127,8 @@ class CBAMHRNet(Backbone):
         assert x.dim() == 4, (
             f"CBAMHRNet takes an input of shape (N, C, H, W). Got {x.shape} instead!"
         )
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.fold_bn and not self.training:
-            features = self._folded(self.trunk, x)
+        if self.eval_trunk is not None and not self.training:
+            features = self.eval_trunk(self.trunk, x)
         else:
             features = self.trunk(x)
         outputs = {}
@@ -216,7 +197,7 @@ def hrnet_fpn(
     **fpn_kwargs,
 ) -> FPN:
     """:class:`HRNetFPN` (detectron2's FPN with TEST.PRECISION) over a :class:`CBAMHRNet`, or
-    :class:`CBAMFPN` with ``cbam_on_outputs``, channels-last like its bottom-up network. Used by
+    :class:`CBAMFPN` with ``cbam_on_outputs``. Used by
     :func:`build_cbam_hrnet_fpn_backbone` and the LazyConfig files (``configs/lazy``).
 
     Args:
@@ -235,8 +216,6 @@ def hrnet_fpn(
         )
     else:
         fpn = HRNetFPN(bottom_up=bottom_up, **fpn_kwargs)
-    if getattr(bottom_up, "channels_last", False):
-        fpn.to(memory_format=torch.channels_last)  # FPN convs too; outputs stay NHWC
     return fpn
 
 
@@ -245,45 +224,14 @@ def _check_choice(key: str, value, allowed: Sequence) -> None:
         raise ValueError(f"{key} = {value!r} is not supported; allowed values: {list(allowed)}")
 
 
-def _check_trunk_args(width, norm, branches, reduction, kernel, freeze_at) -> None:
-    """ValueError naming the argument (and its config key), the value and what is allowed."""
+def _check_trunk_args(width, norm, branches, freeze_at) -> None:
+    """ValueError naming the argument (and its config key), the value and what is allowed. The one
+    check of these values (CBAM checks its own reduction and kernel size)."""
     _check_choice("width (MODEL.HRNET.WIDTH)", width, list(HRNET_WIDTHS))
     _check_choice("norm (MODEL.HRNET.NORM)", norm, (*HRNET_NORMS, "naiveSyncBN"))
     _check_choice("freeze_at (MODEL.BACKBONE.FREEZE_AT)", freeze_at, range(len(HRNET_STAGES) + 1))
     for branch in branches:
         _check_choice("cbam_branches (MODEL.CBAM.BRANCHES)", branch, HRNET_FEATURES)
-    if not isinstance(reduction, int) or reduction < 1:
-        raise ValueError(
-            f"cbam_reduction (MODEL.CBAM.REDUCTION) = {reduction!r}; allowed values: integers >= 1"
-        )
-    if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
-        raise ValueError(
-            f"cbam_kernel_size (MODEL.CBAM.KERNEL_SIZE) = {kernel!r}; allowed values: odd positive "
-            "integers (3, 5, 7, ...)"
-        )
-
-
-def _check_cbam_hrnet_cfg(cfg) -> None:
-    """Raise ValueError naming the key, the value and what is allowed, for every bad value."""
-    _check_choice("MODEL.HRNET.WIDTH", cfg.MODEL.HRNET.WIDTH, list(HRNET_WIDTHS))
-    _check_choice("MODEL.HRNET.NORM", cfg.MODEL.HRNET.NORM, HRNET_NORMS)
-    _check_choice("MODEL.CBAM.POSITION", cfg.MODEL.CBAM.POSITION, CBAM_POSITIONS)
-    _check_choice(
-        "MODEL.BACKBONE.FREEZE_AT", cfg.MODEL.BACKBONE.FREEZE_AT, range(len(HRNET_STAGES) + 1)
-    )
-    for branch in cfg.MODEL.CBAM.BRANCHES:
-        if branch not in HRNET_FEATURES:
-            raise ValueError(
-                f"MODEL.CBAM.BRANCHES contains {branch!r}; allowed values: {list(HRNET_FEATURES)}"
-            )
-    reduction, kernel = cfg.MODEL.CBAM.REDUCTION, cfg.MODEL.CBAM.KERNEL_SIZE
-    if not isinstance(reduction, int) or reduction < 1:
-        raise ValueError(f"MODEL.CBAM.REDUCTION = {reduction!r}; allowed values: integers >= 1")
-    if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
-        raise ValueError(
-            f"MODEL.CBAM.KERNEL_SIZE = {kernel!r}; allowed values: odd positive integers (3, 5, 7, "
-            "...)"
-        )
 
 
 def _trunk_norm(cfg) -> str:
@@ -296,7 +244,7 @@ def _trunk_norm(cfg) -> str:
 
 
 def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRNet:
-    _check_cbam_hrnet_cfg(cfg)
+    _check_choice("MODEL.CBAM.POSITION", cfg.MODEL.CBAM.POSITION, CBAM_POSITIONS)
     # fmt: off
     width      = cfg.MODEL.HRNET.WIDTH
     norm       = _trunk_norm(cfg)
@@ -314,9 +262,6 @@ def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRN
         cbam_reduction=reduction,
         cbam_kernel_size=kernel,
         freeze_at=freeze_at,
-        channels_last=cfg.MODEL.HRNET.CHANNELS_LAST,
-        fold_bn=cfg.MODEL.HRNET.FOLD_BN,
-        compile_trunk=cfg.MODEL.HRNET.COMPILE,
         activation_checkpointing=cfg.MODEL.HRNET.ACTIVATION_CHECKPOINTING,
     )
     if pretrained and cfg.MODEL.WEIGHTS:

@@ -7,7 +7,7 @@ from typing import Dict
 
 from tabulate import tabulate
 
-from .files import atomic_write_text
+from cbam_hrnet_d2.utils.files import atomic_write_text
 
 __all__ = ["write_results"]
 

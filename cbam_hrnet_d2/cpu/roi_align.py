@@ -13,24 +13,21 @@ tests/test_roi_align.py checks equality.
 
 On CUDA, for inputs other than float32/float64, and while the model is traced, scripted, exported
 or compiled (sparse tensors do not export; the graph must hold for any number of boxes), it runs
-detectron2's ``ROIAlign`` (torchvision's kernel: the same numbers).
-:class:`SparseROIAlignROIHeads` (``MODEL.ROI_HEADS.NAME``) is detectron2's ``StandardROIHeads`` with
-its poolers' ``ROIAlign`` levels replaced by this one.
+detectron2's ``ROIAlign`` (torchvision's kernel: the same numbers). :func:`use_sparse_roi_align`
+puts it into a built model's poolers (the CPU speed layer, :mod:`cbam_hrnet_d2.cpu`, does that for a
+CPU model).
 """
 
 import warnings
 from typing import Tuple
 
 import torch
-from detectron2.config import configurable
 from detectron2.layers import ROIAlign
-from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
-from detectron2.modeling.roi_heads import select_foreground_proposals
 from torch import nn
 
-from .precision import is_exporting
+from cbam_hrnet_d2.modeling.precision import is_exporting
 
-__all__ = ["SparseROIAlign", "SparseROIAlignROIHeads", "use_sparse_roi_align", "roi_align_matrix"]
+__all__ = ["SparseROIAlign", "use_sparse_roi_align", "roi_align_matrix"]
 
 
 def _axis_samples(
@@ -168,46 +165,3 @@ def use_sparse_roi_align(module: nn.Module) -> nn.Module:
                     ),
                 )
     return module
-
-
-@ROI_HEADS_REGISTRY.register()
-class SparseROIAlignROIHeads(StandardROIHeads):
-    """detectron2's ``StandardROIHeads`` for the CPU, same outputs: its box/mask/keypoint poolers
-    use :class:`SparseROIAlign` (pooler types ROIAlign and ROIAlignV2), and its conv heads keep
-    their weights channels-last like the pooled features, so every conv runs channels-last (on 2
-    cores the backward of the 1x1 mask predictor over ~200 RoIs took 124 ms in the mixed layout, a
-    few ms after).
-
-    One training option (``MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE``, 0 = off = detectron2): train
-    the mask head on at most that many of each image's foreground proposals, drawn at random
-    (``torch.randperm``, so seeded runs repeat). The box head still sees all of them. Mask-head
-    work is proportional to the number of positives, which grows as the RPN learns: in the shapes
-    recipe it reached ~32 per image and half of a training step."""
-
-    @configurable
-    def __init__(self, *, mask_positives_per_image: int = 0, **kwargs):
-        super().__init__(**kwargs)
-        if not isinstance(mask_positives_per_image, int) or mask_positives_per_image < 0:
-            raise ValueError(
-                "MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE must be an integer >= 0 (0 = every "
-                f"foreground proposal), got {mask_positives_per_image!r}."
-            )
-        self.mask_positives_per_image = mask_positives_per_image
-        use_sparse_roi_align(self)
-        for name in ("box_head", "mask_head", "keypoint_head"):
-            head = getattr(self, name, None)
-            if head is not None:
-                head.to(memory_format=torch.channels_last)
-
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        ret = super().from_config(cfg, input_shape)
-        ret["mask_positives_per_image"] = cfg.MODEL.ROI_MASK_HEAD.get("POSITIVES_PER_IMAGE", 0)
-        return ret
-
-    def _forward_mask(self, features, instances):
-        k = self.mask_positives_per_image
-        if self.training and self.mask_on and k > 0:
-            instances, _ = select_foreground_proposals(instances, self.num_classes)
-            instances = [x[torch.randperm(len(x))[:k]] if len(x) > k else x for x in instances]
-        return super()._forward_mask(features, instances)

@@ -1,4 +1,4 @@
-"""BatchNorm folded into the preceding conv in eval mode (``MODEL.HRNET.FOLD_BN``).
+"""BatchNorm folded into the preceding conv in eval mode (``MODEL.CPU.FOLD_BN``).
 
 In eval mode a BatchNorm is a per-channel affine map, so ``bn(conv(x))`` equals one conv with scaled
 weights and a bias. :class:`FoldedTrunk` runs the trunk that way: every folded conv takes its
@@ -15,7 +15,6 @@ guessed from registration order, so no run-time check is needed.
 
 import copy
 import re
-from contextlib import contextmanager
 from typing import List, Tuple
 
 import torch
@@ -23,9 +22,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .precision import is_exporting
-
-__all__ = ["conv_bn_pairs", "FoldedTrunk", "batchnorm_unfolded"]
+__all__ = ["conv_bn_pairs", "FoldedTrunk"]
 
 _NUMBERED = re.compile(r"^(conv|bn)(\d+)$")
 
@@ -119,21 +116,16 @@ def _folded_view(module: nn.Module, pairs: List[Tuple[str, str]]) -> nn.Module:
 
 
 class FoldedTrunk:
-    """Runs a trunk in eval mode with its BatchNorms folded (not an ``nn.Module``, so it is no part
-    of the owner's ``state_dict``). The folded view shares every module with the trunk and is
-    rebuilt when the trunk's modules change (e.g. BatchNorms converted to FrozenBatchNorm2d).
-    Without autograd the folded weights are computed once per version of the trunk's tensors (the
-    same operations, so the same numbers); with autograd, in every call.
+    """Runs a trunk in eval mode with its BatchNorms folded; set as ``CBAMHRNet.eval_trunk`` by
+    :func:`cbam_hrnet_d2.cpu.cpu_speedups` (not an ``nn.Module``, so it is no part of the owner's
+    ``state_dict``). The folded view shares every module with the trunk and is rebuilt when the
+    trunk's modules change (e.g. BatchNorms converted to FrozenBatchNorm2d). Without autograd the
+    folded weights are computed once per version of the trunk's tensors (the same operations, so
+    the same numbers); with autograd, in every call."""
 
-    With ``compile``, calls without autograd run the view through ``torch.compile`` (inductor; the
-    folded weights are inputs of the compiled graph, so new weights need no recompiling). Calls with
-    autograd, and calls while tracing or exporting, run it eagerly."""
-
-    def __init__(self, compile: bool = False):
-        self.compile = compile
+    def __init__(self):
         self.pairs: List[Tuple[str, str]] = []
         self.view = None
-        self._compiled = None
         self._convs: List[_FoldedConv] = []
         self._modules_key = None
         self._tensors_key = None
@@ -144,7 +136,7 @@ class FoldedTrunk:
             self.pairs = conv_bn_pairs(trunk)
             self.view = _folded_view(trunk, self.pairs)
             self._convs = [m for m in self.view.modules() if isinstance(m, _FoldedConv)]
-            self._modules_key, self._tensors_key, self._compiled = modules_key, None, None
+            self._modules_key, self._tensors_key = modules_key, None
         if torch.is_grad_enabled():
             self._tensors_key = None
             for c in self._convs:
@@ -156,22 +148,4 @@ class FoldedTrunk:
                 for c in self._convs:
                     c.folded = c.fold()
                 self._tensors_key = key
-            if self.compile and not is_exporting():
-                if self._compiled is None:
-                    self._compiled = torch.compile(self.view)
-                return self._compiled(x)
         return self.view(x)
-
-
-@contextmanager
-def batchnorm_unfolded(model: nn.Module):
-    """Within the block, every module of ``model`` with a ``fold_bn`` switch (``CBAMHRNet``) runs
-    its BatchNorms as they are (e.g. so that forward hooks on them fire)."""
-    switched = [m for m in model.modules() if getattr(m, "fold_bn", False)]
-    for m in switched:
-        m.fold_bn = False
-    try:
-        yield
-    finally:
-        for m in switched:
-            m.fold_bn = True

@@ -5,14 +5,13 @@ Reads a timm HRNet checkpoint (``.pth`` or ``.safetensors``: the state dict of
 checkpoint (``hrnetv2_w18_imagenet_pretrained.pth``), drops the classifier and the ``incre`` /
 ``downsamp`` / ``final_layer`` head, and names the trunk tensors as the backbone holds them.
 
-    python -m cbam_hrnet_d2.convert --src hrnet_w18.safetensors \
-        --out hrnet_w18_d2.safetensors --width 18
+    python tools/convert_hrnet_weights.py --src hrnet_w18.safetensors \
+        --out weights/hrnet_w18_in1k_d2.safetensors --width 18
 
 The output loads with ``MODEL.WEIGHTS`` (detectron2's checkpointer); the source file itself can be
 given to ``MODEL.HRNET.PRETRAINED``.
 """
 
-import argparse
 import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -20,16 +19,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import load_tensor_file
-from .files import atomic_write
-from .hrnet import HRNET_STAGES, HRNET_WIDTHS, build_hrnet_trunk
+from cbam_hrnet_d2.checkpoint.checkpointer import load_tensor_file
+from cbam_hrnet_d2.modeling.hrnet import HRNET_STAGES, build_hrnet_trunk
+from cbam_hrnet_d2.utils.files import atomic_write
 
 __all__ = [
     "D2_TRUNK_PREFIX",
     "read_hrnet_state_dict",
     "match_trunk_state_dict",
     "load_pretrained_trunk",
-    "convert",
+    "convert_hrnet_weights",
+    "summarise_keys",
 ]
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def match_trunk_state_dict(
     return matched, missing, unused
 
 
-def _summarise(keys: Sequence[str]) -> str:
+def summarise_keys(keys: Sequence[str]) -> str:
     groups: Dict[str, int] = {}
     for k in keys:
         groups[k.split(".")[0]] = groups.get(k.split(".")[0], 0) + 1
@@ -125,12 +125,12 @@ def load_pretrained_trunk(trunk: nn.Module, path: str, width: int) -> None:
         width,
         path,
         len(matched),
-        _summarise(missing),
-        _summarise(unused),
+        summarise_keys(missing),
+        summarise_keys(unused),
     )
 
 
-def convert(src: str, out: str, width: int) -> Dict[str, List[str]]:
+def convert_hrnet_weights(src: str, out: str, width: int) -> Dict[str, List[str]]:
     """Write ``out`` (.safetensors, or .pth/.pkl as a detectron2 checkpoint dict) with the trunk
     tensors of ``src`` under :data:`D2_TRUNK_PREFIX`. Returns the load report."""
     trunk = build_hrnet_trunk(width)
@@ -144,32 +144,6 @@ def convert(src: str, out: str, width: int) -> Dict[str, List[str]]:
         atomic_write(out, lambda f: f.write(save(tensors, metadata=meta)))
     else:
         atomic_write(
-            out, lambda f: torch.save({"model": tensors, "__author__": "cbam_hrnet_d2.convert"}, f)
+            out, lambda f: torch.save({"model": tensors, "__author__": "cbam_hrnet_d2"}, f)
         )
     return {"loaded": list(matched), "missing": missing, "unused": unused}
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    from detectron2.utils.logger import setup_logger
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--src", required=True, help="timm (.pth/.safetensors) or official HRNet .pth"
-    )
-    parser.add_argument("--out", required=True, help="output file; .safetensors preferred")
-    parser.add_argument("--width", type=int, default=18, choices=sorted(HRNET_WIDTHS))
-    args = parser.parse_args(argv)
-    setup_logger(name=logger.name)
-    report = convert(args.src, args.out, args.width)
-    logger.info(
-        "Wrote %s: %d trunk tensors; trunk tensors not in the source: %s; source tensors "
-        "dropped: %s",
-        args.out,
-        len(report["loaded"]),
-        _summarise(report["missing"]),
-        _summarise(report["unused"]),
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -8,13 +8,13 @@ images named (and, in training, skipped).
 * **Bad images.** An image that does not decode (truncated, zero bytes, unreadable, missing) or
   whose size differs from its json entry is, in training, skipped with a warning naming its dataset
   and path; detectron2 then draws another image in its place. Each one is appended to
-  ``OUTPUT_DIR/bad_images.tsv`` and :class:`BadImageCounter` puts their number into metrics.json
-  (``data/bad_images``). In evaluation a bad image stops the run with the same message (skipping it
-  would change the AP). ``python -m cbam_hrnet_d2.data --check NAME`` finds them all before
-  training.
+  ``OUTPUT_DIR/bad_images.tsv`` and :class:`cbam_hrnet_d2.engine.hooks.BadImageCounter` puts
+  their number into metrics.json (``data/bad_images``). In evaluation a bad image stops the run
+  with the same message (skipping it would change the AP). ``python -m cbam_hrnet_d2.data --check
+  NAME`` finds them all before training.
 * **Signals in workers.** Data-loader workers turn SIGTERM into the clean exit PyTorch gives them on
   SIGINT, so a preemption signal sent to the whole process group stops them without a crash report
-  while the trainer saves its checkpoint (:mod:`cbam_hrnet_d2.preemption`).
+  while the trainer saves its checkpoint (:mod:`cbam_hrnet_d2.engine.preemption`).
 """
 
 import logging
@@ -32,10 +32,14 @@ from detectron2.data import (
 )
 from detectron2.data.detection_utils import build_augmentation
 from detectron2.data.transforms import TransformList
-from detectron2.engine import HookBase
 
-from .augment import OcclusionTransform, cut_instances, rle_mask_dicts, with_hard_augmentations
-from .data_check import IMAGE_ERRORS
+from cbam_hrnet_d2.data.augment import (
+    OcclusionTransform,
+    cut_instances,
+    rle_mask_dicts,
+    with_hard_augmentations,
+)
+from cbam_hrnet_d2.data.check import IMAGE_ERRORS
 
 __all__ = [
     "BadImageError",
@@ -43,7 +47,6 @@ __all__ = [
     "build_train_loader",
     "build_test_loader",
     "choose_mask_format",
-    "BadImageCounter",
     "BAD_IMAGES_FILE",
 ]
 
@@ -159,7 +162,7 @@ def choose_mask_format(cfg, dataset_dicts: List[dict]):
 def build_train_loader(cfg):
     """detectron2's training loader over ``cfg.DATASETS.TRAIN`` with :func:`choose_mask_format`, a
     :class:`RobustDatasetMapper` that skips bad images (recorded in ``OUTPUT_DIR/bad_images.tsv``)
-    and, with ``INPUT.HARD_AUG.ENABLED``, the augmentations of :mod:`cbam_hrnet_d2.augment`."""
+    and, with ``INPUT.HARD_AUG.ENABLED``, the augmentations of :mod:`cbam_hrnet_d2.data.augment`."""
     dicts = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN,
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
@@ -192,31 +195,3 @@ def build_test_loader(cfg, dataset_name: str):
     """detectron2's test loader; a bad image stops evaluation with :class:`BadImageError`."""
     mapper = RobustDatasetMapper(cfg, False, dataset_names=[dataset_name])
     return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
-
-
-class BadImageCounter(HookBase):
-    """Puts the number of distinct images skipped so far (``OUTPUT_DIR/bad_images.tsv``) into the
-    event storage every ``period`` iterations, as ``data/bad_images``."""
-
-    def __init__(self, output_dir: str, period: int = 20):
-        self._file = os.path.join(output_dir, BAD_IMAGES_FILE)
-        self._period = period
-
-    def count(self) -> int:
-        try:
-            with open(self._file) as f:
-                return len({tuple(line.split("\t")[:2]) for line in f if line.strip()})
-        except FileNotFoundError:
-            return 0
-
-    def after_step(self):
-        it = self.trainer.iter
-        if (it + 1) % self._period == 0 or it == self.trainer.max_iter - 1:
-            self.trainer.storage.put_scalar("data/bad_images", self.count(), smoothing_hint=False)
-
-    def after_train(self):
-        n = self.count()
-        if n:
-            logger.warning(
-                "%d image(s) were skipped as unusable; they are listed in %s", n, self._file
-            )

@@ -11,15 +11,12 @@
 import logging
 import os
 import pickle
-import types
 from typing import Any, Dict
-from unittest import mock
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.checkpoint import detection_checkpoint as _d2_checkpoint
 
-from .files import FileWriteError, atomic_write, atomic_write_text
+from cbam_hrnet_d2.utils.files import FileWriteError, atomic_write, atomic_write_text
 
 __all__ = [
     "UnsafeCheckpointError",
@@ -102,9 +99,8 @@ def load_tensor_file(path: str) -> Dict[str, Any]:
 
 MISSING_WEIGHTS_HINT = (
     "The COCO configs start from ImageNet HRNet weights, as detectron2's R50 configs do: make the "
-    "file with `python -m cbam_hrnet_d2.convert --src <timm or official HRNet ImageNet file> "
-    "--out <this path> --width <W>` (README, 'ImageNet-pretrained HRNet weights'), or give the "
-    "unconverted file as "
+    "file with `python tools/convert_hrnet_weights.py --src <timm or official HRNet ImageNet "
+    "file> --out <this path> --width <W>` (docs/weights.md), or give the unconverted file as "
     'MODEL.HRNET.PRETRAINED with MODEL.WEIGHTS "", or train from random init with '
     'configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml (MODEL.WEIGHTS "").'
 )
@@ -128,17 +124,17 @@ class SafeCheckpointer(DetectionCheckpointer):
         return loaded
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
-        if filename.endswith(".pkl"):
-            # detectron2 reads model-zoo .pkl files with pickle.load; give it the restricted one.
-            restricted = types.SimpleNamespace(load=restricted_pickle_load)
-            try:
-                with mock.patch.object(_d2_checkpoint, "pickle", restricted):
-                    return super()._load_file(filename)
-            except UnsafeCheckpointError as e:
-                raise ValueError(
-                    f"{filename}: refused, the file would run code when loaded ({e})"
-                ) from e
-        return super()._load_file(filename)
+        if not filename.endswith(".pkl"):
+            return super()._load_file(filename)  # .pth/.pt/.safetensors: through _torch_load
+        # detectron2 reads model-zoo .pkl files with a plain pickle.load; read them with the
+        # restricted one and hand detectron2 the dict its own .pkl branch would build
+        data = load_tensor_file(filename)
+        if "model" in data and "__author__" in data:  # detectron2 model-zoo format
+            return data
+        # Caffe2 / Detectron1 model zoo: detection files keep their tensors under "blobs"
+        blobs = data.get("blobs", data)
+        model = {k: v for k, v in blobs.items() if not k.endswith("_momentum")}
+        return {"model": model, "__author__": "Caffe2", "matching_heuristics": True}
 
     def save(self, name: str, **kwargs: Any) -> None:
         """fvcore's ``save`` (model + checkpointables + ``kwargs`` into ``save_dir/<name>.pth``,

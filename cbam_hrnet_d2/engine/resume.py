@@ -13,6 +13,13 @@ With ``DATALOADER.EXACT_RESUME`` and a fixed ``SEED``, the :class:`ExactResume` 
 3. restores each process's own RNG states,
 
 so that iterations after the resume see the same batches and random draws as an uninterrupted run.
+
+What that guarantees: the data stream and every RNG state. On the CPU the resumed run then ends
+with the same weights as one never stopped (tested). On CUDA it does not, because several kernels
+a Mask R-CNN step uses (RoIAlign backward, max-pool backward, scatter-add) accumulate in a
+non-deterministic order: two uninterrupted seeded CUDA runs differ from each other just as much.
+Each process saves its own GPU's RNG state, so a run resumes on fewer visible GPUs than it was
+saved with.
 """
 
 import logging
@@ -25,7 +32,7 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from .preemption import stop_requested
+from cbam_hrnet_d2.engine.preemption import stop_requested
 
 __all__ = ["capture_rng_state", "restore_rng_state", "ResumableLoader", "ExactResume"]
 
@@ -52,8 +59,10 @@ def capture_rng_state() -> Dict[str, Any]:
         },
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this process's own GPU only: a resume may see fewer GPUs (CUDA_VISIBLE_DEVICES=0 after
+        # an 8-GPU run), and every process runs on one
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -72,8 +81,15 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
         )
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # checkpoints of before 2026-12-02: every visible GPU's
+        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
+    elif cuda is not None:
+        logger.warning(
+            "The checkpoint holds a CUDA RNG state but this process has no GPU: it is not restored"
+        )
 
 
 class ResumableLoader:

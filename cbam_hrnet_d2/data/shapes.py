@@ -231,7 +231,14 @@ def generate_shapes(out_dir: str, split: str, num_images: int, seed: int) -> str
             dst = os.path.join(out_dir, name)
             if os.path.isdir(dst):
                 shutil.rmtree(dst)
-            os.replace(os.path.join(tmp, name), dst)
+            try:
+                os.replace(os.path.join(tmp, name), dst)
+            except OSError:
+                if not os.path.isdir(dst):
+                    raise
+                # another machine's process on a shared disk moved the same split in meanwhile
+                # (generation is deterministic: the same files)
+                logger.info("%s was written by another process meanwhile; keeping it", dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("Wrote %d images, %d instances to %s", len(images), len(annotations), out_dir)

@@ -11,7 +11,7 @@ import torch
 from detectron2.engine import defaults
 from detectron2.utils import comm
 
-from .memory import libc
+from cbam_hrnet_d2.utils.memory import libc
 
 __all__ = [
     "set_cpu_threads",

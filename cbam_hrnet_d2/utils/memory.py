@@ -1,5 +1,5 @@
-"""Memory readings: resident memory (now, with data-loader workers, and peak) and glibc's heap, and
-the :class:`MemoryMonitor` hook that puts them into metrics.json."""
+"""Memory readings: resident memory (now, with data-loader workers, and peak) and glibc's heap
+(:class:`cbam_hrnet_d2.engine.hooks.MemoryMonitor` puts them into metrics.json)."""
 
 import ctypes
 import functools
@@ -8,9 +8,8 @@ import resource
 from typing import Dict
 
 import psutil
-from detectron2.engine import HookBase
 
-__all__ = ["libc", "rss_mib", "peak_rss_mib", "MemoryMonitor"]
+__all__ = ["libc", "rss_mib", "peak_rss_mib"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,47 +91,3 @@ def rss_mib() -> Dict[str, float]:
         "rss_with_workers_mib": (own + children) / 2**20,
         **_malloc_stats(),
     }
-
-
-class MemoryMonitor(HookBase):
-    """Every ``period`` iterations put the RSS of the trainer (and with its data-loader workers)
-    into the event storage (metrics.json); log it at the start and end of training, with the
-    peak."""
-
-    def __init__(self, period: int = 20):
-        self._period = period
-        self._first = None
-        self._peak = {}
-
-    def _sample(self) -> Dict[str, float]:
-        now = rss_mib()
-        for k, v in now.items():
-            self._peak[k] = max(self._peak.get(k, 0.0), v)
-        return now
-
-    def after_step(self):
-        it = self.trainer.iter
-        if (
-            it == self.trainer.start_iter
-            or (it + 1) % self._period == 0
-            or it == self.trainer.max_iter - 1
-        ):
-            now = self._sample()
-            if self._first is None:
-                self._first = now
-                logger.info("RSS after the first iteration: %s", _fmt(now))
-            for k, v in now.items():
-                self.trainer.storage.put_scalar(k, v, smoothing_hint=False)
-
-    def after_train(self):
-        if self._first is not None:
-            logger.info(
-                "RSS at the end: %s; peak seen: %s; after the first iteration: %s",
-                _fmt(self._sample()),
-                _fmt(self._peak),
-                _fmt(self._first),
-            )
-
-
-def _fmt(sample: Dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.0f}" for k, v in sample.items())

@@ -76,8 +76,8 @@ class SpatialAttention(nn.Module):
 class CBAM(nn.Module):
     """CBAM block: x' = M_c(x) * x, then y = M_s(x') * x'. Output shape equals input shape.
 
-    Set ``keep_attention = True`` (or use :func:`cbam_hrnet_d2.cbam.record_attention`) to keep the
-    last channel and spatial maps on the module, for pictures; they are detached copies.
+    Set ``keep_attention = True`` (or use :func:`record_attention`) to keep the last channel and
+    spatial maps on the module, for pictures; they are detached copies.
     """
 
     def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7):
@@ -88,10 +88,16 @@ class CBAM(nn.Module):
             kernel_size (int): spatial-attention conv size k, odd and positive.
         """
         super().__init__()
-        if reduction < 1:
-            raise ValueError(f"CBAM reduction must be >= 1, got {reduction}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"CBAM kernel_size must be odd and positive, got {kernel_size}")
+        if not isinstance(reduction, int) or reduction < 1:
+            raise ValueError(
+                f"CBAM reduction (MODEL.CBAM.REDUCTION) = {reduction!r}; allowed values: integers "
+                ">= 1"
+            )
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(
+                f"CBAM kernel_size (MODEL.CBAM.KERNEL_SIZE) = {kernel_size!r}; allowed values: odd "
+                "positive integers (3, 5, 7, ...)"
+            )
         self.channel_attention = ChannelAttention(channels, reduction)
         self.spatial_attention = SpatialAttention(kernel_size)
         self.keep_attention = False

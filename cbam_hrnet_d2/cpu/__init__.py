@@ -1,0 +1,66 @@
+"""The CPU speed layer: what makes a built model and its process faster on a CPU, applied only
+where the device is the CPU. The model code (:mod:`cbam_hrnet_d2.modeling`) does not depend on it;
+a model built for CUDA is detectron2's standard Mask R-CNN with this backbone.
+
+* :func:`apply_cpu_speedups` (``MODEL.CPU.*``), called on a built model by the trainer
+  (``Trainer.build_model``), ``lazy_train_net.py`` (``train.cpu_speedups``), the demo, the export
+  tool and the benchmark: ``CHANNELS_LAST`` (every conv's weights NHWC: oneDNN's fast layout),
+  ``SPARSE_ROI_ALIGN`` (the poolers' RoIAlign as a multi-threaded sparse product,
+  :mod:`.roi_align`) and ``FOLD_BN`` (the HRNet trunk's BatchNorms folded into its convs in eval
+  mode, :mod:`.fold_bn`). Same outputs up to float rounding; what each buys is measured in
+  docs/benchmark.md.
+* :mod:`.process`: threads per process, glibc keeping large blocks in its heap, DDP over gloo.
+"""
+
+import logging
+
+import torch
+from torch import nn
+
+from cbam_hrnet_d2.cpu.fold_bn import FoldedTrunk
+from cbam_hrnet_d2.cpu.roi_align import SparseROIAlign, use_sparse_roi_align
+from cbam_hrnet_d2.modeling.backbone import CBAMHRNet
+
+__all__ = ["apply_cpu_speedups", "cpu_speedups", "SparseROIAlign", "use_sparse_roi_align"]
+
+logger = logging.getLogger(__name__)
+
+
+def cpu_speedups(
+    model: nn.Module,
+    *,
+    channels_last: bool = True,
+    sparse_roi_align: bool = True,
+    fold_bn: bool = True,
+) -> nn.Module:
+    """Apply the CPU speed-ups to ``model`` in place (see the module doc); returns ``model``."""
+    if sparse_roi_align:
+        use_sparse_roi_align(model)
+    if fold_bn:
+        for m in model.modules():
+            if isinstance(m, CBAMHRNet):
+                m.eval_trunk = FoldedTrunk()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-D tensors only: conv weights
+    return model
+
+
+def apply_cpu_speedups(model: nn.Module, cfg) -> nn.Module:
+    """:func:`cpu_speedups` with ``cfg.MODEL.CPU``'s switches when ``cfg.MODEL.DEVICE`` is "cpu";
+    ``model`` untouched on any other device. ``cfg`` is a YAML config (a LazyConfig passes its
+    ``train.cpu_speedups`` to :func:`cpu_speedups` itself)."""
+    if cfg.MODEL.DEVICE != "cpu":
+        return model
+    on = cfg.MODEL.CPU
+    logger.info(
+        "CPU speed-ups (MODEL.CPU): channels-last %s, sparse RoIAlign %s, folded BatchNorm %s",
+        on.CHANNELS_LAST,
+        on.SPARSE_ROI_ALIGN,
+        on.FOLD_BN,
+    )
+    return cpu_speedups(
+        model,
+        channels_last=on.CHANNELS_LAST,
+        sparse_roi_align=on.SPARSE_ROI_ALIGN,
+        fold_bn=on.FOLD_BN,
+    )

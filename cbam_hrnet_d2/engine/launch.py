@@ -1,0 +1,87 @@
+"""Starting the processes of a run: detectron2's ``launch`` with the device taken from the config
+and stop signals forwarded to the workers.
+
+* **Device.** detectron2's workers use NCCL and one GPU each whenever CUDA is present. With
+  ``MODEL.DEVICE cpu`` (or a LazyConfig's ``train.device="cpu"``) on a CUDA host, :func:`launch`
+  hides the GPUs from the workers it starts (``CUDA_VISIBLE_DEVICES=""`` in their environment), so
+  they run as CPU processes over gloo, as on a machine without CUDA. With a CUDA device it checks
+  ``--num-gpus`` against the visible GPUs before starting anything.
+* **Signals.** When it starts workers, a SIGTERM / SIGINT to the launching process is forwarded to
+  them (they stop after the current step with a checkpoint, :mod:`.preemption`), and this process
+  exits with their exit code (143 after SIGTERM).
+"""
+
+import logging
+import multiprocessing
+import os
+import signal
+
+import torch
+from detectron2.engine import launch as d2_launch
+from torch.multiprocessing import ProcessExitedException
+
+from cbam_hrnet_d2.engine.preemption import STOP_SIGNALS
+
+__all__ = ["launch", "check_num_gpus"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_num_gpus(num_gpus_per_machine: int, device: str) -> None:
+    """ValueError naming ``--num-gpus`` when a CUDA run asks for more GPUs than are visible."""
+    if not str(device).startswith("cuda"):
+        return
+    visible = torch.cuda.device_count()
+    if num_gpus_per_machine > visible:
+        raise ValueError(
+            f"--num-gpus {num_gpus_per_machine} with MODEL.DEVICE {device!r}, but this machine "
+            f"has {visible} visible GPU(s) (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}). Use --num-gpus {visible} or "
+            "fewer, or MODEL.DEVICE cpu for that many CPU processes."
+        )
+
+
+def launch(
+    main_func,
+    num_gpus_per_machine: int,
+    *,
+    num_machines: int = 1,
+    device: str = "cuda",
+    **kwargs,
+) -> None:
+    """detectron2's ``launch`` (same arguments) for a run on ``device``; see the module doc."""
+    if num_gpus_per_machine * num_machines <= 1:
+        return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines, **kwargs)
+    check_num_gpus(num_gpus_per_machine, device)
+    forwarded = []
+
+    def forward(signum, _frame):
+        forwarded.append(signum)
+        for child in multiprocessing.active_children():
+            try:
+                os.kill(child.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    hide_gpus = str(device) == "cpu" and torch.cuda.is_available()
+    saved_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hide_gpus:
+        logger.info(
+            "MODEL.DEVICE cpu on a CUDA host: %d CPU processes (gloo)", num_gpus_per_machine
+        )
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by the spawned workers only
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    try:
+        d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines, **kwargs)
+    except ProcessExitedException as e:
+        if forwarded or e.exit_code in tuple(128 + int(s) for s in STOP_SIGNALS):
+            raise SystemExit(e.exit_code) from None
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if hide_gpus:
+            if saved_visible is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved_visible
