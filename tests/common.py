@@ -3,12 +3,20 @@
 import glob
 import importlib.util
 import os
+import unittest
+
+import torch
 
 from cbam_hrnet_d2.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
 DEFAULT_CONFIG = os.path.join(CONFIGS, "mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml")
+SHAPES_CONFIG = os.path.join(CONFIGS, "shapes", "mask_rcnn_CBAM_HRNet_W18_FPN_shapes.yaml")
+
+# CUDA tests: skipped with this reason where there is no GPU (detectron2's own tests do the same),
+# run by `pytest -m cuda` and tools/gpu_check.sh where one is
+requires_cuda = unittest.skipIf(not torch.cuda.is_available(), "CUDA not available")
 
 
 def collect_config_files():
@@ -17,9 +25,12 @@ def collect_config_files():
     return sorted(f for f in files if not os.path.basename(f).startswith("Base-"))
 
 
-def get_config(config_file=DEFAULT_CONFIG, opts=()):
-    """An unfrozen cfg from ``config_file`` with ``opts`` merged, on CPU when CUDA is absent."""
-    return load_config(config_file, opts)
+def get_config(config_file=DEFAULT_CONFIG, opts=(), device="cpu"):
+    """An unfrozen cfg from ``config_file`` with ``opts`` merged, on ``device`` (CPU tests pin the
+    CPU, also on a machine with CUDA)."""
+    cfg = load_config(config_file, opts)
+    cfg.MODEL.DEVICE = device
+    return cfg
 
 
 def load_tool(name):

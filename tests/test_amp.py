@@ -1,17 +1,23 @@
-"""SOLVER.AMP.ENABLED on the CPU: a step runs the convolutions in bf16, keeps fp32 weights and
-finite losses, and updates the weights; without the key (or on CUDA) detectron2's trainer stays."""
+"""SOLVER.AMP: on the CPU a step runs the convolutions in bf16, keeps fp32 weights and finite
+losses, and updates the weights; on CUDA detectron2's AMPTrainer in SOLVER.AMP.PRECISION, which
+also resumes a checkpoint written without AMP; without the key the trainer stays."""
 
 import itertools
 import unittest
 from unittest import mock
 
 import torch
-from detectron2.engine import AMPTrainer, SimpleTrainer
+from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from cbam_hrnet_d2.cpu.amp import CPUAMPTrainer, cpu_amp_trainer, trainer_class
-from cbam_hrnet_d2.fixed_work import synthetic_batch
+from cbam_hrnet_d2.engine.amp import (
+    CPUAMPTrainer,
+    ResumableAMPTrainer,
+    amp_trainer,
+    trainer_class,
+)
+from cbam_hrnet_d2.utils.testing import synthetic_batch
 
 from .common import get_config
 from .test_training import CONFIG
@@ -26,7 +32,7 @@ class TestCPUAMP(unittest.TestCase):
         model.backbone.fpn_output2.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
         base = SimpleTrainer(model, itertools.repeat(synthetic_batch(2, 128, 160, 2)), opt)
-        trainer = cpu_amp_trainer(cfg, base)
+        trainer = amp_trainer(cfg, base)
         self.assertIsInstance(trainer, CPUAMPTrainer)
         self.assertIs(trainer.model, model)
         before = model.roi_heads.box_predictor.cls_score.weight.detach().clone()
@@ -40,28 +46,59 @@ class TestCPUAMP(unittest.TestCase):
         after = model.roi_heads.box_predictor.cls_score.weight
         self.assertFalse(torch.equal(before, after))
 
-    def test_without_the_key_or_off_the_cpu_the_trainer_is_kept(self):
+    def test_without_the_key_the_trainer_is_kept(self):
         base = SimpleTrainer(torch.nn.Linear(1, 1), [], torch.optim.SGD([torch.zeros(1)], lr=0.1))
-        for opts in ([], ["SOLVER.AMP.ENABLED", True, "MODEL.DEVICE", "cuda"]):
-            with self.subTest(opts=opts):
-                cfg = get_config(CONFIG, opts)
-                cfg.MODEL.DEVICE = opts[-1] if opts else "cpu"
-                self.assertIs(cpu_amp_trainer(cfg, base), base)
+        self.assertIs(amp_trainer(get_config(CONFIG), base), base)
 
-    def test_lazy_trainer_class_follows_train_amp_and_the_device(self):
+    def test_trainer_class_follows_amp_the_device_and_the_precision(self):
         self.assertIs(trainer_class(False, "cpu"), SimpleTrainer)
         self.assertIs(trainer_class(True, "cpu"), CPUAMPTrainer)
-        self.assertIs(trainer_class(True, "cuda"), AMPTrainer)
+        self.assertIs(trainer_class(True, "cpu", "bf16"), CPUAMPTrainer)
         self.assertIs(trainer_class(False, "cuda:0"), SimpleTrainer)
+        model = torch.nn.Linear(1, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for precision, dtype, scaled in (
+            ("auto", torch.float16, True),
+            ("bf16", torch.bfloat16, False),
+        ):
+            with self.subTest(precision=precision):
+                trainer = trainer_class(True, "cuda", precision)(model, [], opt)
+                self.assertIsInstance(trainer, ResumableAMPTrainer)
+                self.assertEqual(trainer.precision, dtype)
+                # (torch disables a CUDA grad scaler itself where CUDA is absent)
+                want = scaled and torch.cuda.is_available()
+                self.assertEqual(trainer.grad_scaler.is_enabled(), want)
+
+    def test_bad_amp_precision_names_the_key_and_the_fix(self):
+        with self.assertRaisesRegex(ValueError, r"SOLVER.AMP.PRECISION = 'fp8'.*'auto', 'fp16'"):
+            trainer_class(True, "cuda", "fp8")
+        with self.assertRaisesRegex(ValueError, r"'fp16' needs CUDA.*SOLVER.AMP.PRECISION bf16"):
+            trainer_class(True, "cpu", "fp16")
+
+    def test_amp_trainer_resumes_a_checkpoint_written_without_amp(self):
+        # detectron2's AMPTrainer raises KeyError 'grad_scaler' here
+        model = torch.nn.Linear(1, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        plain = SimpleTrainer(model, [], opt)
+        plain.iter = 7
+        state = plain.state_dict()
+        self.assertNotIn("grad_scaler", state)
+        amp = trainer_class(True, "cuda", "fp16")(model, [], opt)
+        with self.assertLogs("cbam_hrnet_d2.engine.amp", "WARNING") as logs:
+            amp.load_state_dict(state)
+        self.assertIn("grad scaler starts afresh", logs.output[0])
+        with_scaler = amp.state_dict()
+        self.assertIn("grad_scaler", with_scaler)
+        amp.load_state_dict(with_scaler)  # and its own checkpoints as detectron2 does
 
     def test_amp_on_a_cpu_that_emulates_bf16_warns_with_the_key(self):
-        from cbam_hrnet_d2 import precision
+        from cbam_hrnet_d2.modeling import precision
 
         base = SimpleTrainer(torch.nn.Linear(1, 1), [], torch.optim.SGD([torch.zeros(1)], lr=0.1))
         cfg = get_config(CONFIG, ["SOLVER.AMP.ENABLED", True])
         with mock.patch.object(precision, "native_bf16", lambda device: False):
             with self.assertLogs("cbam_hrnet_d2.modeling.precision", "WARNING") as logs:
-                self.assertIsInstance(cpu_amp_trainer(cfg, base), CPUAMPTrainer)
+                self.assertIsInstance(amp_trainer(cfg, base), CPUAMPTrainer)
                 self.assertIs(trainer_class(True, "cpu"), CPUAMPTrainer)
-        self.assertIn("SOLVER.AMP.ENABLED = True", logs.output[0])
-        self.assertIn("train.amp.enabled = True", logs.output[1])
+        self.assertEqual(len(logs.output), 2)
+        self.assertIn("SOLVER.AMP.ENABLED", logs.output[0])

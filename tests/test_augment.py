@@ -15,12 +15,10 @@ import pycocotools.mask as mask_util
 import torch
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
-from detectron2.utils.events import EventStorage
 
-from cbam_hrnet_d2 import augment
 from cbam_hrnet_d2.data import (
+    augment,
     check_datasets,
     generate_shapes,
     register_coco_json,
@@ -28,7 +26,6 @@ from cbam_hrnet_d2.data import (
     validate_coco_json,
 )
 from cbam_hrnet_d2.data.build import RobustDatasetMapper, build_train_loader
-from cbam_hrnet_d2.fixed_work import synthetic_batch
 
 from .common import CONFIGS, get_config, load_tool
 from .test_training import CONFIG
@@ -201,35 +198,6 @@ class TestHardAugmentation(unittest.TestCase):
             boxes = inst.gt_boxes.tensor
             self.assertTrue((boxes[:, :2] <= extent[:, :2] + 1).all())
             self.assertTrue((boxes[:, 2:] >= extent[:, 2:] - 1).all())
-
-
-class TestMaskPositivesPerImage(unittest.TestCase):
-    def _mask_head_rois(self, k):
-        torch.manual_seed(0)
-        cfg = get_config(CONFIG, ["MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE", k])
-        model = build_model(cfg).train()
-        seen = []
-        model.roi_heads.mask_head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
-        with EventStorage():
-            losses = model(synthetic_batch(2, 128, 160, 8))
-        self.assertTrue(torch.isfinite(losses["loss_mask"]))
-        return seen[0]
-
-    def test_the_mask_head_trains_on_at_most_k_positives_per_image(self):
-        everything = self._mask_head_rois(0)
-        self.assertGreater(everything, 2 * 3)  # 8 boxes per image: at least 8 positives each
-        self.assertEqual(self._mask_head_rois(3), 2 * 3)
-        self.assertEqual(self._mask_head_rois(1000), everything)
-
-    def test_bad_values_name_the_key(self):
-        cfg = get_config(CONFIG, ["MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE", -1])
-        with self.assertRaisesRegex(
-            ValueError, r"MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE must be an integer >= 0"
-        ):
-            build_model(cfg)
-        # a non-integer is refused when the config is read (the key's type), naming the key
-        with self.assertRaisesRegex(ValueError, r"MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE"):
-            get_config(CONFIG, ["MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE", 1.5])
 
 
 class TestCorruptDataset(unittest.TestCase):

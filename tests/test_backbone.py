@@ -2,13 +2,20 @@ import unittest
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
-from detectron2.modeling import build_backbone
+from detectron2.modeling import build_backbone, build_model
 from torch import nn
 
 from cbam_hrnet_d2 import CBAM, CBAMFPN
 from cbam_hrnet_d2.modeling.hrnet import HRNET_FEATURES, HRNET_STAGES, hrnet_branch_channels
+from cbam_hrnet_d2.utils.testing import calibrate_norm_statistics
 
 from .common import get_config
+
+
+def _assert_close(test, a, b, tol):
+    scale = a.abs().max().clamp(min=1.0)
+    test.assertLessEqual(((a - b).abs().max() / scale).item(), tol)
+
 
 TRUNK = ["MODEL.BACKBONE.NAME", "build_cbam_hrnet_backbone"]
 
@@ -60,9 +67,7 @@ class TestTrunk(unittest.TestCase):
         self.assertEqual(sorted(model.cbam), ["hr3", "hr5"])
 
     def test_disabled_cbam_gives_bare_trunk_output(self):
-        # speed options off: in eval mode they would run a BN-folded copy of the trunk
-        plain = ["MODEL.HRNET.CHANNELS_LAST", False, "MODEL.HRNET.FOLD_BN", False]
-        model = build(TRUNK + plain + ["MODEL.CBAM.ENABLED", False]).eval()
+        model = build(TRUNK + ["MODEL.CBAM.ENABLED", False]).eval()
         self.assertFalse(any(isinstance(m, CBAM) for m in model.modules()))
         x = torch.rand(1, 3, 64, 64)
         with torch.no_grad():
@@ -146,3 +151,83 @@ class TestFPN(unittest.TestCase):
         model = build()
         self.assertNotIsInstance(model, CBAMFPN)
         self.assertEqual(sum(isinstance(m, CBAM) for m in model.modules()), 4)
+
+
+class TestActivationCheckpointing(unittest.TestCase):
+    """MODEL.HRNET.ACTIVATION_CHECKPOINTING: same outputs and gradients, fewer kept activations."""
+
+    X = torch.rand(2, 3, 128, 160) * 2 - 1
+
+    def build(self, on: bool, opts=()):
+        torch.manual_seed(0)
+        model = build_model(get_config(opts=["MODEL.HRNET.ACTIVATION_CHECKPOINTING", on, *opts]))
+        return model.backbone.bottom_up
+
+    def pair(self):
+        on, off = self.build(True), self.build(False)
+        calibrate_norm_statistics(on, self.X)
+        off.load_state_dict(on.state_dict())  # strict: the class swap kept every key
+        return on.train(), off.train()
+
+    def test_applied_to_frozen_bn_and_not_to_batchnorm(self):
+        from cbam_hrnet_d2.modeling.hrnet import _RecomputedHRModule
+
+        def recomputed(trunk):
+            return sum(isinstance(m, _RecomputedHRModule) for m in trunk.modules())
+
+        self.assertEqual(recomputed(self.build(True)), 8)  # 1 + 4 + 3 modules of stages 2..4
+        with self.assertLogs("cbam_hrnet_d2.modeling.backbone", "INFO") as logs:
+            bn_trunk = self.build(
+                True, ["MODEL.HRNET.NORM", "SyncBN", "MODEL.BACKBONE.FREEZE_AT", 0]
+            )
+        self.assertEqual(recomputed(bn_trunk), 0)
+        self.assertIn("would update its statistics twice", "\n".join(logs.output))
+        self.assertIn("MODEL.HRNET.NORM FrozenBN or GN", "\n".join(logs.output))
+
+    def test_batchnorm_modules_are_left_unchanged_by_the_library_function_too(self):
+        # one policy (issue 16): recompute_hrnet_modules skips what the config path skips
+        from cbam_hrnet_d2.modeling.hrnet import (
+            _RecomputedHRModule,
+            build_hrnet_trunk,
+            recompute_hrnet_modules,
+        )
+
+        trunk = build_hrnet_trunk(18, norm="BN")
+        count, skipped = recompute_hrnet_modules(trunk)
+        self.assertEqual((count, len(skipped)), (0, 8))
+        self.assertFalse(any(isinstance(m, _RecomputedHRModule) for m in trunk.modules()))
+        frozen = build_hrnet_trunk(18, norm="FrozenBN")
+        self.assertEqual(recompute_hrnet_modules(frozen), (8, []))
+
+    def test_outputs_and_gradients_equal_without_checkpointing(self):
+        on, off = self.pair()
+        outs = []
+        for model in (on, off):
+            out = model(self.X)
+            sum(o.square().mean() for o in out.values()).backward()
+            outs.append(out)
+        for name in outs[0]:
+            _assert_close(self, outs[0][name].detach(), outs[1][name].detach(), 1e-6)
+        grads = dict(on.named_parameters())
+        checked = 0
+        for name, p in off.named_parameters():
+            if p.requires_grad:
+                _assert_close(self, grads[name].grad, p.grad, 1e-5)
+                checked += 1
+        self.assertGreater(checked, 100)
+
+    def test_keeps_less_than_half_the_activations(self):
+        def kept_bytes(model):
+            total = 0
+
+            def pack(t):
+                nonlocal total
+                total += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(self.X)
+            return total
+
+        on, off = self.pair()
+        self.assertLess(kept_bytes(on), 0.5 * kept_bytes(off))

@@ -6,16 +6,19 @@ import tempfile
 import unittest
 from unittest import mock
 
+import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from cbam_hrnet_d2.fixed_work import REFERENCE, FixedProposals, load_cfg, synthetic_batch
 from cbam_hrnet_d2.modeling.precision import native_bf16
+from cbam_hrnet_d2.utils.testing import synthetic_batch
 
 from .common import DEFAULT_CONFIG, REPO, load_tool
 
 BENCHMARK = os.path.join(REPO, "tools", "benchmark.py")
+bench = load_tool("benchmark")
+REFERENCE = bench.REFERENCE
 
 
 def main(argv):
@@ -23,12 +26,16 @@ def main(argv):
     subprocess.run([sys.executable, BENCHMARK, *argv], check=True, cwd=REPO)
 
 
-# a config with overrides in the same argument: the speed options off
-PLAIN = f"{DEFAULT_CONFIG} MODEL.HRNET.CHANNELS_LAST False MODEL.HRNET.FOLD_BN False"
+# a config with overrides in the same argument: the CPU speed layer off
+PLAIN = (
+    f"{DEFAULT_CONFIG} MODEL.CPU.CHANNELS_LAST False MODEL.CPU.SPARSE_ROI_ALIGN False "
+    "MODEL.CPU.FOLD_BN False"
+)
 # a bf16 row: measured where the CPU runs bf16 natively, listed as skipped where it emulates it
 BF16 = f"{DEFAULT_CONFIG} TEST.PRECISION bf16"
 
 
+@pytest.mark.slow
 class TestBenchmark(unittest.TestCase):
     def test_one_run_measures_config_next_to_detectron2_r50(self):
         with tempfile.TemporaryDirectory() as d:
@@ -86,7 +93,7 @@ class TestBenchmark(unittest.TestCase):
             self.assertGreater(ours[key], 0, key)
         self.assertLess(ours["params_M"], ref["params_M"])  # W18 + FPN is smaller than R50 + FPN
         self.assertIn("mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml", md)
-        self.assertIn("mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml MODEL.HRNET.CHANNELS_LAST False", md)
+        self.assertIn("mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml MODEL.CPU.CHANNELS_LAST False", md)
         self.assertEqual(data["rows"][PLAIN]["params_M"], ours["params_M"])
 
 
@@ -95,8 +102,8 @@ class TestFixedProposals(unittest.TestCase):
         torch.manual_seed(0)
         for config in (REFERENCE, DEFAULT_CONFIG):
             with self.subTest(config=config):
-                model = build_model(load_cfg(config)).train()
-                model.proposal_generator = FixedProposals(model.proposal_generator, 50)
+                model = build_model(bench.load_cfg(config)).train()
+                model.proposal_generator = bench.FixedProposals(model.proposal_generator, 50)
                 sampled = []
                 model.roi_heads.box_predictor.register_forward_hook(
                     lambda m, i, o: sampled.append(i[0].shape[0])
@@ -127,7 +134,7 @@ class TestInterleavedTiming(unittest.TestCase):
             c: {"a_s": lambda c=c: calls.append(c + "a"), "b_s": lambda c=c: calls.append(c + "b")}
             for c in ("x", "y")
         }
-        seconds = load_tool("benchmark").time_interleaved(timed, iters=3)
+        seconds = bench.time_interleaved(timed, iters=3)
         # a warm-up round, then 3 rounds, each config's first callable once untimed before its timed
         # calls
         self.assertEqual(calls, ["xa", "xb", "ya", "yb"] + ["xa", "xa", "xb", "ya", "ya", "yb"] * 3)
@@ -140,18 +147,16 @@ class TestInterleavedTiming(unittest.TestCase):
         )
 
     def test_inference_only_rows_are_not_trained_again(self):
-        trains = load_tool("benchmark")._trains_differently
+        trains = bench._trains_differently
         self.assertTrue(trains("a.yaml"))
-        self.assertTrue(trains("a.yaml MODEL.HRNET.FOLD_BN False"))
+        self.assertTrue(trains("a.yaml MODEL.CPU.CHANNELS_LAST False"))
         self.assertFalse(trains("a.yaml TEST.PRECISION fp32"))
-        self.assertFalse(trains("a.yaml MODEL.HRNET.COMPILE True"))
-        self.assertFalse(trains("R50+channels_last"))
-        self.assertFalse(trains("R50+channels_last+bf16"))
+        self.assertFalse(trains("R50+cpu_speedups"))
+        self.assertFalse(trains("R50+cpu_speedups+bf16"))
 
 
 class TestTreatedReferenceAndEmulatedBf16(unittest.TestCase):
-    def test_r50_channels_last_runs_fp32_with_channels_last_weights(self):
-        bench = load_tool("benchmark")
+    def test_treated_r50_runs_fp32_with_the_cpu_speed_layer(self):
         row, timed = bench.prepare_inference(bench.REFERENCE_CL, 64, 96)
         self.assertEqual(row["precision"], "fp32")
         self.assertEqual(set(timed), {"backbone_fpn_s", "trunk_s", "model_s"})
@@ -159,7 +164,6 @@ class TestTreatedReferenceAndEmulatedBf16(unittest.TestCase):
         self.assertEqual(row["params_M"], ref["params_M"])  # the same model, treated
 
     def test_bf16_rows_are_skipped_on_a_cpu_that_emulates_bf16_unless_asked(self):
-        bench = load_tool("benchmark")
         spec = (DEFAULT_CONFIG, ["TEST.PRECISION", "bf16"])
         with mock.patch.object(bench, "native_bf16", lambda device: False):
             row, timed = bench.prepare_inference(*spec[:1], 64, 96, spec[1], emulated_bf16=False)

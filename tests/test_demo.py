@@ -8,6 +8,7 @@ import unittest
 
 import cv2
 import numpy as np
+import pytest
 import torch
 from detectron2.modeling import build_model
 from PIL import Image
@@ -34,6 +35,7 @@ def run_demo(args):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 class TestDemo(unittest.TestCase):
     @classmethod
     def setUpClass(cls):

@@ -2,10 +2,12 @@
 model's detections on images of other sizes than the sample and on an image without detections;
 --run-eval gives train_net.py --eval-only's AP; bad arguments get clear errors."""
 
+import contextlib
+import io
 import json
 import math
 import os
-import subprocess
+import re
 import sys
 import tempfile
 import unittest
@@ -13,13 +15,14 @@ from unittest import mock
 
 import cv2
 import numpy as np
+import pytest
 import torch
 from detectron2.modeling import build_model
 
 from cbam_hrnet_d2.data import generate_shapes
-from cbam_hrnet_d2.export.runtime import FORMATS, load_exported, load_sample_image
+from cbam_hrnet_d2.export import FORMATS, load_exported, load_sample_image
 
-from .common import REPO, get_config, load_tool
+from .common import get_config, load_tool
 from .test_training import CONFIG, run_train_net
 
 # Exported and eager models compute the same functions with other kernels (torchvision's RoIAlign
@@ -30,6 +33,7 @@ from .test_training import CONFIG, run_train_net
 BOX_TOL, SCORE_TOL, MASK_TOL = 5e-2, 5e-3, 1e-3
 
 
+@pytest.mark.slow
 class TestExport(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -143,54 +147,35 @@ class TestExport(unittest.TestCase):
 
 
 class TestExportErrors(unittest.TestCase):
-    def run_tool(self, *args):
-        cmd = [sys.executable, os.path.join(REPO, "tools", "export_model.py"), *args]
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
-        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    """The tool's errors, in-process (``main`` raises what the command line prints)."""
+
+    tool = load_tool("export_model")
 
     def test_bad_format_lists_the_allowed_ones(self):
-        proc = self.run_tool("--config-file", CONFIG, "--format", "caffe2", "--output", "x")
-        self.assertEqual(proc.returncode, 2)
-        self.assertIn("invalid choice: 'caffe2'", proc.stderr)
-        self.assertIn("'torchscript', 'onnx'", proc.stderr)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as ctx:
+            self.tool.main(["--config-file", CONFIG, "--format", "caffe2", "--output", "x"])
+        self.assertEqual(ctx.exception.code, 2)
+        self.assertIn("invalid choice: 'caffe2'", err.getvalue())
+        self.assertIn("'torchscript', 'onnx'", err.getvalue())
 
     def test_missing_sample_image_weights_and_unknown_key_are_named(self):
         with tempfile.TemporaryDirectory() as d:
             weights = os.path.join(d, "m.pth")
             torch.save({"model": {}}, weights)
             base = ["--config-file", CONFIG, "--output", d]
+            nope = os.path.join(d, "nope.png")
+            no_data = ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]
             cases = [
-                (
-                    [
-                        *base,
-                        "--sample-image",
-                        os.path.join(d, "nope.png"),
-                        "MODEL.WEIGHTS",
-                        weights,
-                    ],
-                    ["--sample-image", "nope.png", "no such file"],
-                ),
-                ([*base, "MODEL.WEIGHTS", ""], ["MODEL.WEIGHTS is empty"]),
-                ([*base, "MODEL.WEIGHTS", weights, "MODEL.NOPE", "1"], ["MODEL.NOPE"]),
-                (
-                    [
-                        *base,
-                        "MODEL.WEIGHTS",
-                        weights,
-                        "DATASETS.TRAIN",
-                        "()",
-                        "DATASETS.TEST",
-                        "()",
-                    ],
-                    ["DATASETS.TEST is empty: give --sample-image"],
-                ),
+                ([*base, "--sample-image", nope, "MODEL.WEIGHTS", weights], "nope.png"),
+                ([*base, "MODEL.WEIGHTS", ""], "MODEL.WEIGHTS is empty"),
+                ([*base, "MODEL.WEIGHTS", weights, "MODEL.NOPE", "1"], "MODEL.NOPE"),
+                ([*base, "MODEL.WEIGHTS", weights, *no_data], "DATASETS.TEST is empty"),
             ]
-            for args, needles in cases:
+            for args, needle in cases:
                 with self.subTest(args=args[-2:]):
-                    proc = self.run_tool(*args)
-                    self.assertNotEqual(proc.returncode, 0)
-                    for needle in needles:
-                        self.assertIn(needle, proc.stderr)
+                    with self.assertRaisesRegex(Exception, re.escape(needle)):
+                        self.tool.main(args)
                     self.assertFalse(os.path.exists(os.path.join(d, "model.ts")))
 
     def test_loading_a_missing_file_or_without_onnxruntime_says_what_to_do(self):

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import unittest
 
+import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
@@ -48,7 +49,9 @@ class TestLazyConfigs(unittest.TestCase):
                 )
                 model = instantiate(cfg.model)
                 self.assertEqual(type(model.backbone.bottom_up).__name__, "CBAMHRNet")
-                self.assertEqual(type(model.roi_heads).__name__, "SparseROIAlignROIHeads")
+                # detectron2's heads; the shapes recipe caps the mask head's positives as its YAML
+                want = "CappedMaskROIHeads" if "shapes" in path else "StandardROIHeads"
+                self.assertEqual(type(model.roi_heads).__name__, want)
 
     def test_lazy_and_yaml_models_have_equal_parameters_and_state_dict_keys(self):
         for lazy_path, yaml_path in PAIRS:
@@ -117,6 +120,7 @@ class TestLazyConfigs(unittest.TestCase):
             lazy_model(W18_LAZY, ["model.backbone.bottom_up.width=19"])
 
 
+@pytest.mark.slow
 class TestLazyTrainNet(unittest.TestCase):
     def test_trains_two_iterations_on_shapes_with_cpu_amp_and_prints_bbox_and_segm_ap(self):
         with tempfile.TemporaryDirectory() as d:

@@ -13,6 +13,7 @@ import time
 import unittest
 from unittest import mock
 
+import pytest
 import torch
 from torch import nn
 
@@ -42,12 +43,14 @@ def final_weights(out):
 
 
 class PreemptionCase(TrainingTestCase):
-    def preempt(self, opts, out, sig=signal.SIGTERM, after_s=2.0, extra=()):
+    def preempt(self, opts, out, sig=signal.SIGTERM, after_s=2.0, extra=(), device="cpu"):
         """Start training, send ``sig`` ``after_s`` seconds into the loop; return (returncode,
         log)."""
         os.makedirs(out, exist_ok=True)
         log_path = os.path.join(out, "stdout.log")
-        proc = run_train_net(list(extra) + opts + ["OUTPUT_DIR", out], wait=False, log=log_path)
+        proc = run_train_net(
+            list(extra) + opts + ["OUTPUT_DIR", out], wait=False, log=log_path, device=device
+        )
         wait_for_training(log_path, proc)
         time.sleep(after_s)
         self.assertIsNone(proc.poll(), "training ended before the signal")
@@ -70,6 +73,7 @@ class PreemptionCase(TrainingTestCase):
         return it
 
 
+@pytest.mark.slow
 class TestPreemptionOneProcess(PreemptionCase):
     def test_sigterm_checkpoints_the_current_iteration_and_resume_is_exact(self):
         common = self.exact_resume_opts(seed=7, max_iter=14, checkpoint_period=1000)
@@ -109,6 +113,7 @@ class TestPreemptionOneProcess(PreemptionCase):
         self.assertNotIn("Traceback", log)
 
 
+@pytest.mark.slow
 class TestPreemptionTwoProcesses(PreemptionCase):
     def test_sigterm_to_launcher_stops_both_with_one_checkpoint_and_exact_resume_on_every_rank(
         self,
@@ -219,6 +224,7 @@ def _mount_tmpfs(path, size):
         return False
 
 
+@pytest.mark.slow
 class TestFullDisk(TrainingTestCase):
     def test_training_on_a_full_disk_stops_naming_the_checkpoint_and_leaves_the_previous_one(self):
         out = self.out("full_disk")

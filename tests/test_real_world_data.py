@@ -11,6 +11,7 @@ import sys
 import unittest
 
 import numpy as np
+import pytest
 from detectron2.data import DatasetCatalog
 from pycocotools import mask as mask_util
 
@@ -89,6 +90,7 @@ def truncate(path: str, keep: float = 0.5) -> None:
         f.write(data[: int(len(data) * keep)])
 
 
+@pytest.mark.slow
 class TestToolExports(TrainingTestCase):
     @classmethod
     def setUpClass(cls):
@@ -169,6 +171,7 @@ def run_check(args):
     )
 
 
+@pytest.mark.slow
 class TestBadImages(TrainingTestCase):
     @classmethod
     def setUpClass(cls):
@@ -245,10 +248,12 @@ class TestBadImages(TrainingTestCase):
 
 class TestCheckCommand(unittest.TestCase):
     def test_unregistered_name_is_named_with_how_to_register_it(self):
-        proc = run_check(["no_such_dataset"])
-        self.assertEqual(proc.returncode, 1)
-        self.assertIn("Dataset 'no_such_dataset' is not registered", proc.stderr + proc.stdout)
-        self.assertIn("--config-file", proc.stderr + proc.stdout)
+        from cbam_hrnet_d2.data.datasets import main
+
+        with self.assertLogs("cbam_hrnet_d2.data.datasets", "ERROR") as logs:
+            self.assertEqual(main(["--check", "no_such_dataset"]), 1)
+        self.assertIn("Dataset 'no_such_dataset' is not registered", logs.output[0])
+        self.assertIn("--config-file", logs.output[0])
 
 
 class TestLibraryPath(unittest.TestCase):

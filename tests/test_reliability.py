@@ -81,6 +81,7 @@ class TestKilledTraining(TrainingTestCase):
         self.assertEqual(load_tensor_file(os.path.join(out, last))["iteration"], 11)
 
 
+@pytest.mark.slow
 class TestExactResume(TrainingTestCase):
     def test_killed_and_resumed_run_ends_with_the_same_weights_as_a_straight_run(self):
         common = self.exact_resume_opts(seed=7, max_iter=6, checkpoint_period=3)
@@ -119,6 +120,7 @@ class TestExactResume(TrainingTestCase):
         self.assertTrue(any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"]))
 
 
+@pytest.mark.slow
 class TestNonFiniteLoss(TrainingTestCase):
     def test_nan_loss_stops_training_naming_iteration_and_keeps_last_checkpoint(self):
         out = self.out("nan")

@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 from safetensors.torch import save_file
 
 from cbam_hrnet_d2.checkpoint.checkpointer import SafeCheckpointer, load_tensor_file
-from cbam_hrnet_d2.checkpoint.hrnet_weights import convert
+from cbam_hrnet_d2.checkpoint.hrnet_weights import convert_hrnet_weights as convert
 from cbam_hrnet_d2.modeling.hrnet import HRNET_FEATURES
 
 from .common import CONFIGS, get_config
@@ -75,14 +75,12 @@ class TestHRNetWeights(unittest.TestCase):
         return os.path.join(cls.tmp.name, name)
 
     def cfg(self, opts=()):
-        # NCHW like timm, so outputs can be compared bit for bit (channels-last: see test_speed.py);
+        # detectron2's build_model (no CPU speed layer), so outputs can be compared bit for bit;
         # no MODEL.WEIGHTS, which would win over MODEL.HRNET.PRETRAINED
         return get_config(
             opts=[
                 "MODEL.HRNET.NORM",
                 "BN",
-                "MODEL.HRNET.CHANNELS_LAST",
-                False,
                 "MODEL.WEIGHTS",
                 "",
                 *opts,
@@ -109,7 +107,7 @@ class TestHRNetWeights(unittest.TestCase):
     def test_default_recipe_loads_converted_weights_into_its_frozen_norms(self):
         out = self.path("default_recipe_d2.safetensors")
         convert(self.timm_st, out, 18)
-        cfg = get_config(opts=["MODEL.HRNET.CHANNELS_LAST", False, "MODEL.WEIGHTS", out])
+        cfg = get_config(opts=["MODEL.WEIGHTS", out])
         self.assertEqual(cfg.MODEL.HRNET.NORM, "FrozenBN")
         model = build_model(cfg)
         SafeCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
@@ -128,7 +126,7 @@ class TestHRNetWeights(unittest.TestCase):
         for part in (
             "MODEL.WEIGHTS",
             missing,
-            "python -m cbam_hrnet_d2.checkpoint.hrnet_weights",
+            "python tools/convert_hrnet_weights.py",
             "mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml",
         ):
             self.assertIn(part, text)

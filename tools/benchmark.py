@@ -129,11 +129,12 @@ class FixedWork(torch.nn.Module):
         model, roi = self.model, self.model.roi_heads
         features = model.backbone(x)
         model.proposal_generator(ImageList(x, [self.hw]), features, None)
-        box_features = roi.box_pooler([features[f] for f in roi.box_in_features], [self.boxes])
+        boxes = self.boxes.to(x.device)
+        box_features = roi.box_pooler([features[f] for f in roi.box_in_features], [boxes])
         scores, _ = roi.box_predictor(roi.box_head(box_features))
         inst = Instances(self.hw)
-        inst.pred_boxes = self.boxes[: self.num_detections]
-        inst.pred_classes = torch.zeros(self.num_detections, dtype=torch.long)
+        inst.pred_boxes = boxes[: self.num_detections]
+        inst.pred_classes = torch.zeros(self.num_detections, dtype=torch.long, device=x.device)
         masks = roi._forward_mask(features, [inst])
         return scores, masks[0].pred_masks
 

@@ -82,14 +82,14 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     )
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
-    if isinstance(cuda, (list, tuple)):  # checkpoints of before 2026-12-02: every visible GPU's
-        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() else None
-    if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda)
-    elif cuda is not None:
+    if cuda is not None and not torch.cuda.is_available():
         logger.warning(
             "The checkpoint holds a CUDA RNG state but this process has no GPU: it is not restored"
         )
+    elif cuda is not None:
+        if isinstance(cuda, (list, tuple)):  # checkpoints of before 2026-12-02: every GPU's
+            cuda = cuda[torch.cuda.current_device()]
+        torch.cuda.set_rng_state(cuda)
 
 
 class ResumableLoader:

@@ -1,0 +1,305 @@
+"""The CPU speed layer (cbam_hrnet_d2/cpu, MODEL.CPU.*): applied to CPU models only, each switch on
+its own, and the model it speeds up gives the plain model's results: SparseROIAlign equals
+torchvision's RoIAlign (forward and gradients), the BN-folded trunk equals the trunk, channels-last
+weights change no output."""
+
+import copy
+import itertools
+import unittest
+
+import torch
+from detectron2.layers import ROIAlign
+from detectron2.modeling import build_model
+from torchvision.ops import roi_align
+
+from cbam_hrnet_d2.cpu import apply_cpu_speedups
+from cbam_hrnet_d2.cpu.fold_bn import FoldedTrunk, conv_bn_pairs
+from cbam_hrnet_d2.cpu.process import keep_large_allocations_in_heap
+from cbam_hrnet_d2.cpu.roi_align import SparseROIAlign, use_sparse_roi_align
+from cbam_hrnet_d2.utils.testing import calibrate_norm_statistics
+
+from .common import get_config, load_tool
+
+H, W = 160, 224
+
+
+def build_pair(opts=()):
+    """(plain model, the same model with the CPU speed layer), same weights and BN statistics,
+    eval mode."""
+    torch.manual_seed(0)
+    cfg = get_config(opts=list(opts))
+    plain = build_model(cfg)
+    calibrate_norm_statistics(plain.backbone, torch.rand(1, 3, H, W) * 2 - 1)
+    fast = apply_cpu_speedups(copy.deepcopy(plain), cfg)
+    return plain.eval(), fast.eval()
+
+
+def fixed_work(model):
+    return load_tool("benchmark").FixedWork(model, H, W, 200, 20)
+
+
+# float32 rounding of folded vs unfolded BatchNorm and of the kernels each memory layout picks,
+# through ~100 layers of a random network: measured 1.2e-4 (relative to the largest output) on an
+# AVX2-only CPU (2026-12-01), under 1e-4 on an AVX512 one; a wrong fold or layout is off by O(1)
+def assert_close(test, a, b, tol=5e-4):
+    scale = a.abs().max().clamp(min=1.0)
+    test.assertLessEqual(((a - b).abs().max() / scale).item(), tol)
+
+
+class TestTheLayerIsAppliedWhereTheDeviceIsTheCPU(unittest.TestCase):
+    def test_a_model_for_cuda_is_left_as_detectron2_builds_it(self):
+        cfg = get_config(device="cpu")
+        model = build_model(cfg)
+        cfg.MODEL.DEVICE = "cuda"  # the config of a GPU run; the model object itself is the same
+        before = {k: (v.stride(), v.data_ptr()) for k, v in model.state_dict().items()}
+        self.assertIs(apply_cpu_speedups(model, cfg), model)
+        self.assertEqual(
+            before, {k: (v.stride(), v.data_ptr()) for k, v in model.state_dict().items()}
+        )
+        self.assertFalse(any(isinstance(m, SparseROIAlign) for m in model.modules()))
+        self.assertIsNone(model.backbone.bottom_up.eval_trunk)
+
+    def test_each_switch_turns_its_speedup_off_alone(self):
+        for key in ("CHANNELS_LAST", "SPARSE_ROI_ALIGN", "FOLD_BN"):
+            with self.subTest(key=key):
+                cfg = get_config(opts=[f"MODEL.CPU.{key}", False])
+                model = apply_cpu_speedups(build_model(cfg), cfg)
+                on = {
+                    "CHANNELS_LAST": model.backbone.bottom_up.trunk.conv1.weight.is_contiguous(
+                        memory_format=torch.channels_last
+                    ),
+                    "SPARSE_ROI_ALIGN": any(isinstance(m, SparseROIAlign) for m in model.modules()),
+                    "FOLD_BN": model.backbone.bottom_up.eval_trunk is not None,
+                }
+                self.assertEqual({k: v for k, v in on.items() if not v}, {key: False})
+
+
+def random_rois(n_images, h, w, scale, count, generator):
+    """Boxes in input coordinates, some partly or wholly outside the map, some degenerate."""
+    size = torch.tensor([w / scale, h / scale])
+    xy = torch.rand(count, 2, generator=generator) * size * 1.2 - size * 0.1
+    wh = torch.rand(count, 2, generator=generator) * size * 0.5
+    wh[: count // 8] = 0  # zero-size boxes
+    batch = torch.randint(0, n_images, (count, 1), generator=generator).float()
+    return torch.cat([batch, xy, xy + wh], 1)
+
+
+class TestSparseROIAlignEqualsTorchvision(unittest.TestCase):
+    def test_forward_and_input_gradient_match(self):
+        g = torch.Generator().manual_seed(0)
+        cases = itertools.product(
+            [True, False],  # aligned
+            [0, 1, 2],  # sampling_ratio (0 = adaptive)
+            [(7, 7), (14, 14), (5, 3)],
+            [torch.contiguous_format, torch.channels_last],
+        )
+        for aligned, ratio, out, fmt in cases:
+            with self.subTest(aligned=aligned, sampling_ratio=ratio, output=out, format=fmt):
+                n, c, h, w, scale = 3, 6, 19, 27, 0.25
+                x = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=fmt)
+                rois = random_rois(n, h, w, scale, 40, g)
+                grad = torch.randn(len(rois), c, *out, generator=g)
+                xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+                ref = roi_align(xa, rois, out, scale, ratio, aligned)
+                got = SparseROIAlign(out, scale, ratio, aligned)(xb, rois)
+                self.assertEqual(got.shape, ref.shape)
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+                ref.backward(grad)
+                got.backward(grad)
+                torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-5)
+
+    def test_float64_and_no_boxes(self):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 4, 10, 12, dtype=torch.float64, generator=g)
+        rois = random_rois(2, 10, 12, 0.5, 10, g).double()
+        got = SparseROIAlign((7, 7), 0.5, 0, True)(x, rois)
+        self.assertEqual(got.dtype, torch.float64)
+        torch.testing.assert_close(
+            got, roi_align(x, rois, (7, 7), 0.5, 0, True), rtol=1e-10, atol=1e-10
+        )
+        empty = SparseROIAlign((7, 7), 0.5, 0, True)(x.float(), torch.zeros(0, 5))
+        self.assertEqual(tuple(empty.shape), (0, 4, 7, 7))
+
+    def test_batch_index_outside_the_batch_is_refused(self):
+        with self.assertRaisesRegex(ValueError, r"rois\[:, 0\] must lie in \[0, 1\)"):
+            SparseROIAlign((7, 7), 1.0, 0, True)(
+                torch.zeros(1, 2, 8, 8), torch.tensor([[1.0, 0, 0, 4, 4]])
+            )
+
+    def test_use_sparse_roi_align_replaces_only_roialign(self):
+        module = torch.nn.Sequential(ROIAlign((7, 7), 0.25, 2, aligned=False), torch.nn.ReLU())
+        use_sparse_roi_align(module)
+        self.assertIs(type(module[0]), SparseROIAlign)
+        self.assertEqual(
+            (module[0].spatial_scale, module[0].sampling_ratio, module[0].aligned), (0.25, 2, False)
+        )
+        self.assertIs(type(module[1]), torch.nn.ReLU)
+
+
+class TestSpeedOptionsKeepResults(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.plain, cls.fast = build_pair()
+        cls.x = torch.rand(1, 3, H, W) * 2 - 1
+
+    def test_a_cpu_model_gets_every_speedup_and_weights_are_channels_last(self):
+        cfg = get_config()
+        self.assertTrue(all(cfg.MODEL.CPU.values()))
+        w = self.fast.backbone.bottom_up.trunk.conv1.weight
+        self.assertTrue(w.is_contiguous(memory_format=torch.channels_last))
+        self.assertFalse(
+            self.plain.backbone.bottom_up.trunk.conv1.weight.is_contiguous(
+                memory_format=torch.channels_last
+            )
+        )
+        for pooler in (self.fast.roi_heads.box_pooler, self.fast.roi_heads.mask_pooler):
+            self.assertTrue(all(type(p) is SparseROIAlign for p in pooler.level_poolers))
+        self.assertIsInstance(self.fast.backbone.bottom_up.eval_trunk, FoldedTrunk)
+        self.assertIsNone(self.plain.backbone.bottom_up.eval_trunk)
+
+    @staticmethod
+    def box_deltas(model, x):
+        work = fixed_work(model)
+        roi = model.roi_heads
+        features = model.backbone(x)
+        pooled = roi.box_pooler([features[f] for f in roi.box_in_features], [work.boxes])
+        return roi.box_predictor(roi.box_head(pooled))[1]
+
+    def test_backbone_fpn_and_whole_model_outputs_equal_the_plain_model(self):
+        with torch.no_grad():
+            pa, pb = self.plain.backbone(self.x), self.fast.backbone(self.x)
+            for name in pa:
+                assert_close(self, pa[name], pb[name])
+            sa, ma = fixed_work(self.plain)(self.x)
+            sb, mb = fixed_work(self.fast)(self.x)
+            da, db = (self.box_deltas(m, self.x) for m in (self.plain, self.fast))
+        assert_close(self, sa, sb)
+        assert_close(self, ma, mb)
+        assert_close(self, da, db)
+        # the folded trunk was really used: it has no BatchNorm left
+        folded = self.fast.backbone.bottom_up.eval_trunk.view
+        self.assertIsNotNone(folded)
+        self.assertFalse(any("BatchNorm" in type(m).__name__ for m in folded.modules()))
+
+    def test_predictions_equal_the_plain_model(self):
+        g = torch.Generator().manual_seed(3)
+        image = {"image": torch.rand(3, H, W, generator=g) * 255, "height": H, "width": W}
+        with torch.no_grad():
+            a, b = self.plain([image])[0]["instances"], self.fast([image])[0]["instances"]
+        self.assertGreater(len(a), 50)
+        self.assertLessEqual(abs(len(a) - len(b)), 2)
+        # ~100 low-confidence detections of a random-init model: their order ties often, and
+        # where two boxes overlap at NMS's threshold a rounding-level difference may keep the other
+        # one. So: nearly every detection of one has one of the same class and score in the other
+        # at the same place (within 1% of the image size: decoding amplifies the ~1e-5 output
+        # differences through exp() of random-init deltas). A wrong speed-up moves all of them.
+        for x, y in ((a, b), (b, a)):
+            same = (x.pred_classes[:, None] == y.pred_classes[None]) & (
+                (x.scores[:, None] - y.scores[None]).abs() <= 1e-3
+            )
+            dist = torch.cdist(x.pred_boxes.tensor, y.pred_boxes.tensor, p=float("inf"))
+            nearest = dist.masked_fill(~same, float("inf")).min(1).values
+            self.assertGreaterEqual((nearest <= 1e-2 * max(H, W)).float().mean().item(), 0.95)
+
+    def test_folded_trunk_follows_new_weights(self):
+        plain, fast = build_pair()
+        with torch.no_grad():
+            fast.backbone(self.x)  # builds the folded trunk's structure
+            state = fast.state_dict()
+            for k in state:
+                if k.endswith("running_var") or k.endswith("conv2.weight"):
+                    state[k] = state[k] * 1.5
+            fast.load_state_dict(state)
+            plain.load_state_dict(state)
+            pa, pb = plain.backbone(self.x), fast.backbone(self.x)
+        for name in pa:
+            self.assertTrue(torch.isfinite(pa[name]).all())
+            assert_close(self, pa[name], pb[name])
+
+    def test_autograd_in_eval_mode_uses_the_trainable_trunk(self):
+        _, fast = build_pair()
+        out = fast.backbone(self.x)
+        sum(v.sum() for v in out.values()).backward()
+        trainable = [p for p in fast.backbone.bottom_up.trunk.parameters() if p.requires_grad]
+        self.assertTrue(trainable)
+        self.assertTrue(all(p.grad is not None for p in trainable))
+
+    def test_eval_outputs_do_not_depend_on_grad_mode(self):
+        _, fast = build_pair()
+        with torch.no_grad():
+            a = fast.backbone(self.x)
+        b = fast.backbone(self.x)
+        for name in a:
+            self.assertTrue(torch.equal(a[name], b[name].detach()), name)
+
+    def test_training_mode_outputs_equal_the_plain_model(self):
+        # against the plain model evaluated in float64: two float32 runs of this random-init net
+        # differ by up to ~1e-4 from rounding alone (each ~6e-5 from the float64 result)
+        plain, fast = build_pair()
+        plain.double().train(), fast.train()
+        with torch.no_grad():
+            pa, pb = plain.backbone(self.x.double()), fast.backbone(self.x)
+        for name in pa:
+            assert_close(self, pa[name], pb[name].double())
+
+
+class TestFoldBatchnorm(unittest.TestCase):
+    def test_counts_and_equality_on_a_conv_bn_pair(self):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        (
+            m[1].running_mean.uniform_(-1, 1),
+            m[1].running_var.uniform_(0.5, 2),
+            m[1].weight.data.uniform_(0.5, 2),
+        )
+        m.eval()
+        self.assertEqual(conv_bn_pairs(m), [("0", "1")])
+        fold = FoldedTrunk()
+        x = torch.randn(2, 3, 9, 9)
+        with torch.no_grad():
+            assert_close(self, m(x), fold(m, x), 1e-5)
+        self.assertIsInstance(fold.view[1], torch.nn.Identity)
+
+    def test_gn_trunk_is_left_alone(self):
+        plain, fast = build_pair(["MODEL.HRNET.NORM", "GN"])
+        x = torch.rand(1, 3, H, W)
+        with torch.no_grad():
+            pa, pb = plain.backbone(x), fast.backbone(x)
+        self.assertEqual(fast.backbone.bottom_up.eval_trunk.pairs, [])
+        for name in pa:
+            assert_close(self, pa[name], pb[name])
+
+    def test_a_bn_not_known_to_follow_its_conv_is_not_folded(self):
+        class Misordered(torch.nn.Module):
+            """conv_b is registered right before bn_a, but bn_a follows conv_a in forward."""
+
+            def __init__(self):
+                super().__init__()
+                self.conv_a = torch.nn.Conv2d(3, 4, 3, padding=1)
+                self.conv_b = torch.nn.Conv2d(4, 4, 3, padding=1)
+                self.bn_a = torch.nn.BatchNorm2d(4)
+
+            def forward(self, x):
+                return [self.conv_b(self.bn_a(self.conv_a(x)))]
+
+        torch.manual_seed(0)
+        m = Misordered().eval()
+        m.bn_a.running_mean.uniform_(-1, 1), m.bn_a.running_var.uniform_(0.5, 2)
+        self.assertEqual(conv_bn_pairs(m), [])
+        x = torch.randn(1, 3, 8, 8)
+        with torch.no_grad():
+            self.assertTrue(torch.equal(FoldedTrunk()(m, x)[0], m(x)[0]))
+
+    def test_every_batchnorm_of_the_hrnet_trunk_is_folded(self):
+        trunk = build_pair()[1].backbone.bottom_up.trunk
+        bns = [n for n, m in trunk.named_modules() if "BatchNorm" in type(m).__name__]
+        self.assertEqual(sorted(bn for _, bn in conv_bn_pairs(trunk)), sorted(bns))
+
+
+class TestHeapAllocations(unittest.TestCase):
+    def test_glibc_setting_is_accepted(self):
+        # on glibc (this project's Linux machines) mallopt accepts both settings; idempotent
+        self.assertTrue(keep_large_allocations_in_heap())
+        self.assertTrue(keep_large_allocations_in_heap())
+        big = torch.ones(64, 2**18)  # 64 MiB: from the heap now, still an ordinary tensor
+        self.assertEqual(big.sum().item(), 64 * 2**18)

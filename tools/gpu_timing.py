@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Time the model on a CUDA GPU next to detectron2's R50-FPN, with and without each option that
+the CPU speed layer or a key offers (part of tools/gpu_check.sh):
+
+    python tools/gpu_timing.py --out output/gpu_check
+
+Per row: eval seconds per image of the whole Mask R-CNN with fixed work (tools/benchmark.py's
+FixedWork: 1000 boxes through the box head, 100 through the mask head) at 800x1216, batch 1, and
+training seconds per iteration at batch 2 with the RPN's proposals fixed (FixedProposals), each the
+median after warm-up calls with the GPU synchronised around every call; peak GPU memory of
+training. Random-init weights with calibrated norm statistics, as the CPU benchmark. Writes
+gpu_timing.md and gpu_timing.json.
+"""
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+
+import torch
+from benchmark import REFERENCE, FixedProposals, FixedWork, load_cfg
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from detectron2.utils.logger import setup_logger
+from tabulate import tabulate
+
+from cbam_hrnet_d2.cpu import cpu_speedups
+from cbam_hrnet_d2.engine.amp import AMP_PRECISIONS
+from cbam_hrnet_d2.utils.testing import calibrate_norm_statistics, synthetic_batch
+
+logger = logging.getLogger("cbam_hrnet_d2.gpu_timing")
+
+OURS = "configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml"
+# row name -> (config, overrides, CPU-layer switches applied on the GPU, train AMP precision)
+ROWS = {
+    "R50-FPN (detectron2, as shipped)": (REFERENCE, [], {}, None),
+    "CBAM-HRNet-W18 (default on CUDA)": (OURS, [], {}, None),
+    "+ channels-last": (OURS, [], {"channels_last": True}, None),
+    "+ folded BatchNorm (eval)": (OURS, [], {"fold_bn": True}, None),
+    "+ activation checkpointing (train)": (
+        OURS,
+        ["MODEL.HRNET.ACTIVATION_CHECKPOINTING", "True"],
+        {},
+        None,
+    ),
+    "TEST.PRECISION bf16 / SOLVER.AMP bf16": (OURS, ["TEST.PRECISION", "bf16"], {}, "bf16"),
+    "TEST.PRECISION fp16 / SOLVER.AMP fp16": (OURS, ["TEST.PRECISION", "fp16"], {}, "fp16"),
+}
+
+
+def _median_seconds(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build(config, opts, speedups):
+    torch.manual_seed(0)
+    cfg = load_cfg(config, opts)
+    cfg.MODEL.DEVICE = "cuda"
+    model = build_model(cfg)
+    calibrate_norm_statistics(model.backbone, torch.rand(1, 3, 800, 1216).cuda() * 2 - 1)
+    all_off = {"channels_last": False, "sparse_roi_align": False, "fold_bn": False}
+    return cfg, cpu_speedups(model, **{**all_off, **speedups})
+
+
+def time_eval(config, opts, speedups, h, w, iters) -> float:
+    cfg, model = build(config, opts, speedups)
+    model.eval()
+    x = model.preprocess_image([{"image": torch.rand(3, h, w) * 255}]).tensor
+    whole = FixedWork(model, h, w)
+    with torch.inference_mode():
+        return _median_seconds(lambda: whole(x), 3, iters)
+
+
+def time_train(config, opts, speedups, amp, h, w, iters):
+    cfg, model = build(config, opts, speedups)
+    model.proposal_generator = FixedProposals(
+        model.proposal_generator, cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN
+    )
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
+    data = synthetic_batch(2, h, w)
+    dtype = AMP_PRECISIONS.get(amp)
+
+    def step():
+        with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None):
+            loss = sum(model(data).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    torch.cuda.reset_peak_memory_stats()
+    with EventStorage():
+        seconds = _median_seconds(step, 3, iters)
+    return seconds, torch.cuda.max_memory_allocated() / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", nargs=2, type=int, default=[800, 1216])
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--out", default="output/gpu_check")
+    args = parser.parse_args()
+    setup_logger(name="cbam_hrnet_d2")
+    h, w = args.size
+    rows = []
+    for i, (name, (config, opts, speedups, amp)) in enumerate(ROWS.items()):
+        logger.info("[%d/%d] %s", i + 1, len(ROWS), name)
+        row = {"row": name}
+        try:
+            row["eval_s_per_image"] = time_eval(config, opts, speedups, h, w, args.iters)
+            row["train_s_per_iter"], row["train_peak_gpu_mib"] = time_train(
+                config, opts, speedups, amp, h, w, args.iters
+            )
+        except Exception as e:  # one failing row must not cost the others: report it
+            logger.exception("row %s failed", name)
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        torch.cuda.empty_cache()
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "size": [h, w],
+        "iters": args.iters,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_timing.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    md = f"{meta}\n\n" + tabulate(rows, headers="keys", tablefmt="pipe", floatfmt=".4f")
+    with open(os.path.join(args.out, "gpu_timing.md"), "w") as f:
+        f.write(md + "\n")
+    logger.info("GPU timing:\n%s", md)
+
+
+if __name__ == "__main__":
+    main()
