@@ -284,10 +284,16 @@ def prepare_inference(
         count = FlopCountAnalysis(module, inputs).unsupported_ops_warnings(False)
         return count.uncalled_modules_warnings(False).total() / 1e9
 
-    # the architecture's count, float32 (FlopCountAnalysis traces)
+    # the architecture's count: BatchNorms unfolded (MODEL.CPU.FOLD_BN's view is no submodule,
+    # which fvcore's per-module bookkeeping cannot follow), float32 (FlopCountAnalysis traces)
+    folded = getattr(trunk, "eval_trunk", None)
+    if folded is not None:
+        trunk.eval_trunk = None
     row["backbone_fpn_GMAC"] = gmac(model.backbone, x)
     row["trunk_GMAC"] = gmac(trunk, x)
     row["model_GMAC"] = gmac(whole, x)
+    if folded is not None:
+        trunk.eval_trunk = folded
 
     def run_trunk():  # in the precision the backbone runs it
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):

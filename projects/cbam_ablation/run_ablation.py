@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run the CBAM ablation at a budget and write its table (Markdown + JSON):
 
-    # the quickstart's full budget (1150 iterations), CBAM on the branches vs none, seeds 1-3
+    # the quickstart's full budget (1150 iterations), CBAM on the branches vs none, seeds 42 1 2
     python projects/cbam_ablation/run_ablation.py --budget full --rows cbam_branches no_cbam
     # the 2026-11-24 sweep: 400 iterations, four rows, seeds 1-2
     python projects/cbam_ablation/run_ablation.py --budget 400 --seeds 1 2
@@ -37,7 +37,7 @@ QUICKSTART = os.path.join(REPO, "configs", "shapes", "mask_rcnn_CBAM_HRNet_W18_F
 # config and default seeds of each budget
 BUDGETS = {
     "400": (os.path.join(HERE, "configs", "Base-ablation.yaml"), [1, 2]),
-    "full": (QUICKSTART, [1, 2, 3]),
+    "full": (QUICKSTART, [42, 1, 2]),  # 42: the quickstart's own seed
 }
 _R50 = [
     "MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone", "MODEL.BACKBONE.FREEZE_AT", "0",
