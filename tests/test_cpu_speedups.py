@@ -165,6 +165,15 @@ class TestSpeedOptionsKeepResults(unittest.TestCase):
         pooled = roi.box_pooler([features[f] for f in roi.box_in_features], [work.boxes])
         return roi.box_predictor(roi.box_head(pooled))[1]
 
+    def test_checkpoints_move_between_the_cpu_model_and_the_plain_one(self):
+        # the plain model is what a CUDA config builds: same keys, the weights load either way
+        plain, fast = build_pair()
+        self.assertEqual(sorted(plain.state_dict()), sorted(fast.state_dict()))
+        other = build_model(get_config())
+        other.load_state_dict(fast.state_dict())
+        for k, v in other.state_dict().items():
+            self.assertTrue(torch.equal(v, plain.state_dict()[k]), k)
+
     def test_backbone_fpn_and_whole_model_outputs_equal_the_plain_model(self):
         with torch.no_grad():
             pa, pb = self.plain.backbone(self.x), self.fast.backbone(self.x)

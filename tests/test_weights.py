@@ -14,7 +14,7 @@ from cbam_hrnet_d2.checkpoint.checkpointer import SafeCheckpointer, load_tensor_
 from cbam_hrnet_d2.checkpoint.hrnet_weights import convert_hrnet_weights as convert
 from cbam_hrnet_d2.modeling.hrnet import HRNET_FEATURES
 
-from .common import CONFIGS, get_config
+from .common import CONFIGS, get_config, load_tool
 
 
 def timm_classifier(width):
@@ -91,6 +91,29 @@ class TestHRNetWeights(unittest.TestCase):
         model.eval()
         for got, want in zip(trunk_outputs(model, self.x).values(), self.expected):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    def test_the_command_line_tool_writes_a_file_model_weights_loads(self):
+        out = self.path("tool_d2.safetensors")
+        with self.assertLogs("cbam_hrnet_d2.convert_hrnet_weights", "INFO") as logs:
+            load_tool("convert_hrnet_weights").main(["--src", self.timm_st, "--out", out])
+        self.assertIn("trunk tensors not in the source: none", logs.output[-1])
+        model = build_model(self.cfg())
+        SafeCheckpointer(model).load(out)
+        self.assert_trunk_equals_timm(model)
+
+    def test_caffe2_style_pkl_blobs_load_without_their_momentum_entries(self):
+        sd = {"backbone.bottom_up.trunk." + k: v.numpy() for k, v in self.w18.state_dict().items()}
+        sd["backbone.bottom_up.trunk.conv1.weight_momentum"] = sd[
+            "backbone.bottom_up.trunk.conv1.weight"
+        ]
+        c2 = self.path("c2.pkl")
+        with open(c2, "wb") as f:
+            pickle.dump({"blobs": sd}, f)
+        loaded = SafeCheckpointer(build_model(self.cfg()))._load_file(c2)
+        self.assertEqual(loaded["__author__"], "Caffe2")
+        self.assertTrue(loaded["matching_heuristics"])
+        self.assertFalse(any(k.endswith("_momentum") for k in loaded["model"]))
+        self.assertEqual(len(loaded["model"]), len(sd) - 1)
 
     def test_converted_files_load_through_model_weights_and_match_timm_exactly(self):
         for src in (self.timm_pth, self.timm_st, self.official):
