@@ -13,7 +13,6 @@ with the safe atomic checkpointer, writes results.json / ap_tables.md, stops on 
 a checkpoint, and resumes exactly with ``train.exact_resume=True``.
 """
 
-import contextlib
 import logging
 
 import torch
@@ -26,7 +25,7 @@ from detectron2.utils.logger import setup_logger
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
 from cbam_hrnet_d2.cpu import cpu_speedups
 from cbam_hrnet_d2.cpu.process import create_ddp_model, set_cpu_threads
-from cbam_hrnet_d2.engine import claim_output_dir, launch
+from cbam_hrnet_d2.engine import launch_run
 from cbam_hrnet_d2.engine.amp import trainer_class
 from cbam_hrnet_d2.engine.hooks import MemoryMonitor
 from cbam_hrnet_d2.engine.preemption import Preemption
@@ -130,24 +129,13 @@ def main(args):
 def invoke_main() -> None:
     args = default_argument_parser().parse_args()
     cfg = load(args)  # for the device and the output folder
-    out = cfg.train.output_dir
-    claim = (
-        claim_output_dir(out, eval_only=args.eval_only)
-        if args.machine_rank == 0
-        else contextlib.nullcontext(out)
+    launch_run(
+        main,
+        args,
+        device=cfg.train.device,
+        output_dir=cfg.train.output_dir,
+        output_dir_opts=lambda folder: [f"train.output_dir={folder}"],
     )
-    with claim as output_dir:
-        if output_dir != out:  # --eval-only into a folder a training run holds
-            args.opts = [*args.opts, f"train.output_dir={output_dir}"]
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            device=cfg.train.device,
-            args=(args,),
-        )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ processes (gloo). One run per OUTPUT_DIR (cbam_hrnet_d2/engine/lock.py); SIGTERM
 training after the current step with a checkpoint (cbam_hrnet_d2/engine/preemption.py).
 """
 
-import contextlib
-
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -22,7 +20,7 @@ from cbam_hrnet_d2.checkpoint import SafeCheckpointer
 from cbam_hrnet_d2.config import load_config, warn_if_frozen_norms_start_random
 from cbam_hrnet_d2.cpu.process import set_cpu_threads
 from cbam_hrnet_d2.data import check_datasets, register_from_cfg
-from cbam_hrnet_d2.engine import Trainer, claim_output_dir, launch
+from cbam_hrnet_d2.engine import Trainer, launch_run
 
 
 def setup(args):
@@ -59,23 +57,13 @@ def invoke_main() -> None:
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
     cfg = load_config(args.config_file, args.opts)  # for the device and the output folder
-    claim = (
-        claim_output_dir(cfg.OUTPUT_DIR, eval_only=args.eval_only)
-        if args.machine_rank == 0
-        else contextlib.nullcontext(cfg.OUTPUT_DIR)
+    launch_run(
+        main,
+        args,
+        device=cfg.MODEL.DEVICE,
+        output_dir=cfg.OUTPUT_DIR,
+        output_dir_opts=lambda folder: ["OUTPUT_DIR", folder],
     )
-    with claim as output_dir:
-        if output_dir != cfg.OUTPUT_DIR:  # --eval-only into a folder a training run holds
-            args.opts = [*args.opts, "OUTPUT_DIR", output_dir]
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            device=cfg.MODEL.DEVICE,
-            args=(args,),
-        )
 
 
 if __name__ == "__main__":

@@ -197,6 +197,28 @@ class TestMultiProcess(TrainingTestCase):
         self.assertTrue(losses and all(torch.isfinite(torch.tensor(x)) for x in losses))
 
 
+@pytest.mark.slow
+class TestOneRunPerFolder(TrainingTestCase):
+    def test_a_second_launch_into_a_running_runs_folder_is_refused_naming_it(self):
+        # what a cluster's requeue does while the first job still runs
+        out = self.out("busy")
+        opts = [*self.data_opts, "SOLVER.MAX_ITER", 200, "TEST.EVAL_PERIOD", 0, "OUTPUT_DIR", out]
+        os.makedirs(out, exist_ok=True)
+        first = run_train_net(opts, wait=False, log=os.path.join(out, "first.log"))
+        self.addCleanup(first.kill)
+        deadline = time.time() + 120
+        while not os.path.isfile(os.path.join(out, "run.lock")) and time.time() < deadline:
+            time.sleep(0.1)
+        second = run_train_net(opts)
+        self.assertEqual(second.returncode, 1, second.stderr[-2000:])
+        self.assertIn(f"is in use by process {first.pid}", second.stderr)
+        self.assertNotIn("Traceback", second.stderr)
+        self.assertIsNone(first.poll(), "the first run must go on")
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=300)
+        self.assertFalse(os.path.exists(os.path.join(out, "run.lock")))  # released at its exit
+
+
 class TestErrors(unittest.TestCase):
     """The pre-flight check of train_net.py, in-process."""
 

@@ -11,18 +11,21 @@ and stop signals forwarded to the workers.
   exits with their exit code (143 after SIGTERM).
 """
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
+from typing import Callable, List
 
 import torch
 from detectron2.engine import launch as d2_launch
 from torch.multiprocessing import ProcessExitedException
 
+from cbam_hrnet_d2.engine.lock import OutputDirBusy, claim_output_dir
 from cbam_hrnet_d2.engine.preemption import STOP_SIGNALS
 
-__all__ = ["launch", "check_num_gpus"]
+__all__ = ["launch", "check_num_gpus", "launch_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,3 +88,39 @@ def launch(
                 os.environ.pop("CUDA_VISIBLE_DEVICES", None)
             else:
                 os.environ["CUDA_VISIBLE_DEVICES"] = saved_visible
+
+
+def launch_run(
+    main_func,
+    args,
+    *,
+    device: str,
+    output_dir: str,
+    output_dir_opts: Callable[[str], List[str]],
+) -> None:
+    """What ``train_net.py`` and ``lazy_train_net.py`` do with the parsed ``args`` of detectron2's
+    argument parser: hold ``output_dir`` for the run (machine 0 only; :mod:`.lock`), send an
+    ``--eval-only`` run into its own folder when a training run holds it
+    (``output_dir_opts(folder)`` gives the overrides that say so), then :func:`launch`
+    ``main_func(args)`` on ``device``."""
+    claim = (
+        claim_output_dir(output_dir, eval_only=args.eval_only)
+        if args.machine_rank == 0
+        else contextlib.nullcontext(output_dir)
+    )
+    with contextlib.ExitStack() as stack:
+        try:
+            folder = stack.enter_context(claim)
+        except OutputDirBusy as e:  # one line, no traceback: nothing has started
+            raise SystemExit(f"error: {e}") from None
+        if folder != output_dir:
+            args.opts = [*args.opts, *output_dir_opts(folder)]
+        launch(
+            main_func,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            device=device,
+            args=(args,),
+        )
