@@ -82,8 +82,9 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     _C.DATASETS.REGISTER_COCO = []
 
     # On --resume, replay the training data stream up to the resumed iteration and restore the RNG
-    # states saved in the checkpoint, so the run continues exactly as if never stopped (needs SEED
-    # >= 0; exact for one process). Costs one pass of data loading over the iterations already done.
+    # states saved in the checkpoint (needs SEED >= 0): the same batches and random draws as a run
+    # never stopped; bit-equal weights on the CPU, not on CUDA (non-deterministic kernels;
+    # docs/training.md). Costs one pass of data loading over the iterations already done.
     _C.DATALOADER.EXACT_RESUME = False
 
     # Mixed precision of SOLVER.AMP.ENABLED training. Options: "auto" (fp16 on CUDA as detectron2,
