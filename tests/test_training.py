@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -217,6 +218,31 @@ class TestOneRunPerFolder(TrainingTestCase):
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=300)
         self.assertFalse(os.path.exists(os.path.join(out, "run.lock")))  # released at its exit
+
+
+@pytest.mark.slow
+class TestTwoMachines(unittest.TestCase):
+    def test_each_machine_generates_the_shapes_set_on_its_own_disk(self):
+        # two "machines" on this host (--num-machines 2, one CPU process each), each with its own
+        # DETECTRON2_DATASETS: machine 1 must not wait for files only machine 0 wrote
+        tmp = self.enterContext(tempfile.TemporaryDirectory())
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        procs = []
+        for rank in (0, 1):
+            args = ["--num-machines", 2, "--machine-rank", rank, "--dist-url"]
+            args += [f"tcp://127.0.0.1:{port}", "SOLVER.MAX_ITER", 1, "SOLVER.IMS_PER_BATCH", 2]
+            args += ["DATASETS.TEST", "()", "OUTPUT_DIR", os.path.join(tmp, f"out{rank}")]
+            env = {"DETECTRON2_DATASETS": os.path.join(tmp, f"disk{rank}")}
+            log = os.path.join(tmp, f"machine{rank}.log")
+            procs.append((run_train_net(args, env=env, wait=False, log=log), log))
+        for proc, log in procs:
+            proc.wait(timeout=900)
+            self.assertEqual(proc.returncode, 0, open(log).read()[-3000:])
+        for rank in (0, 1):
+            train = os.path.join(tmp, f"disk{rank}", "shapes", "train.json")
+            self.assertTrue(os.path.isfile(train), f"machine {rank} has no shapes_train")
 
 
 class TestErrors(unittest.TestCase):
