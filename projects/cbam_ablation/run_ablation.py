@@ -131,7 +131,7 @@ def run_one(budget: str, row: str, seed: int, out: str) -> dict:
         "infer_ms": float(pure) * 1000,
         "train_min": (wall - _seconds(total)) / 60,
         "finished": time.strftime("%Y-%m-%d %H:%M"),
-        "command": " ".join(["python train_net.py", *train]),
+        "command": " ".join(["python train_net.py", *train]).replace(REPO + os.sep, ""),
     }
     path = record_path(budget, row, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
