@@ -50,6 +50,7 @@ from tabulate import tabulate
 
 from cbam_hrnet_d2.config import load_config
 from cbam_hrnet_d2.cpu import apply_cpu_speedups, cpu_speedups
+from cbam_hrnet_d2.cpu.fold_bn import batchnorm_unfolded
 from cbam_hrnet_d2.cpu.process import keep_large_allocations_in_heap
 from cbam_hrnet_d2.modeling.precision import autocast_dtype, native_bf16, run_autocast
 from cbam_hrnet_d2.utils.memory import peak_rss_mib
@@ -286,14 +287,10 @@ def prepare_inference(
 
     # the architecture's count: BatchNorms unfolded (MODEL.CPU.FOLD_BN's view is no submodule,
     # which fvcore's per-module bookkeeping cannot follow), float32 (FlopCountAnalysis traces)
-    folded = getattr(trunk, "eval_trunk", None)
-    if folded is not None:
-        trunk.eval_trunk = None
-    row["backbone_fpn_GMAC"] = gmac(model.backbone, x)
-    row["trunk_GMAC"] = gmac(trunk, x)
-    row["model_GMAC"] = gmac(whole, x)
-    if folded is not None:
-        trunk.eval_trunk = folded
+    with batchnorm_unfolded(model):
+        row["backbone_fpn_GMAC"] = gmac(model.backbone, x)
+        row["trunk_GMAC"] = gmac(trunk, x)
+        row["model_GMAC"] = gmac(whole, x)
 
     def run_trunk():  # in the precision the backbone runs it
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):

@@ -15,6 +15,7 @@ guessed from registration order, so no run-time check is needed.
 
 import copy
 import re
+from contextlib import contextmanager
 from typing import List, Tuple
 
 import torch
@@ -22,7 +23,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["conv_bn_pairs", "FoldedTrunk"]
+__all__ = ["conv_bn_pairs", "FoldedTrunk", "batchnorm_unfolded"]
 
 _NUMBERED = re.compile(r"^(conv|bn)(\d+)$")
 
@@ -149,3 +150,18 @@ class FoldedTrunk:
                     c.folded = c.fold()
                 self._tensors_key = key
         return self.view(x)
+
+
+@contextmanager
+def batchnorm_unfolded(model: nn.Module):
+    """Within the block, every module of ``model`` with an ``eval_trunk`` (``CBAMHRNet`` given a
+    :class:`FoldedTrunk`) runs its trunk as it is, BatchNorms included (so that hooks on them fire,
+    or fvcore can follow the modules); restored after."""
+    folded = [(m, m.eval_trunk) for m in model.modules() if getattr(m, "eval_trunk", None)]
+    for m, _ in folded:
+        m.eval_trunk = None
+    try:
+        yield
+    finally:
+        for m, runner in folded:
+            m.eval_trunk = runner

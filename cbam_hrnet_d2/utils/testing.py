@@ -7,6 +7,8 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.structures import BitMasks, Boxes, Instances
 
+from cbam_hrnet_d2.cpu.fold_bn import batchnorm_unfolded
+
 __all__ = ["calibrate_norm_statistics", "synthetic_batch"]
 
 
@@ -26,15 +28,10 @@ def calibrate_norm_statistics(model: torch.nn.Module, x: torch.Tensor) -> None:
         if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d))
     ]
     was_training = model.training
-    # BatchNorms must run as they are for their hooks to fire: no folded eval trunk meanwhile
-    folded = [(m, m.eval_trunk) for m in model.modules() if getattr(m, "eval_trunk", None)]
-    for m, _ in folded:
-        m.eval_trunk = None
-    with torch.no_grad():
+    # BatchNorms must run as they are for their hooks to fire
+    with batchnorm_unfolded(model), torch.no_grad():
         model.eval()(x)
     model.train(was_training)
-    for m, runner in folded:
-        m.eval_trunk = runner
     for h in handles:
         h.remove()
 
