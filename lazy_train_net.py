@@ -23,7 +23,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
-from cbam_hrnet_d2.cpu import cpu_speedups
+from cbam_hrnet_d2.cpu import apply_cpu_speedups
 from cbam_hrnet_d2.cpu.process import create_ddp_model, set_cpu_threads
 from cbam_hrnet_d2.engine import launch_run
 from cbam_hrnet_d2.engine.amp import trainer_class
@@ -52,9 +52,7 @@ def build_model(cfg):
     (``train.cpu_speedups``, cbam_hrnet_d2/cpu)."""
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
-    if cfg.train.device == "cpu":
-        cpu_speedups(model, **cfg.train.get("cpu_speedups", {}))
-    return model
+    return apply_cpu_speedups(model, cfg)
 
 
 def do_train(args, cfg):

@@ -16,7 +16,7 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
-from cbam_hrnet_d2.cpu import apply_cpu_speedups, cpu_speedups
+from cbam_hrnet_d2.cpu import apply_cpu_speedups
 from cbam_hrnet_d2.modeling.cbam import record_attention
 
 logger = logging.getLogger(__name__)
@@ -30,8 +30,7 @@ class LazyPredictor(DefaultPredictor):
 
     def __init__(self, cfg):
         self.model = instantiate(cfg.model).to(cfg.train.device).eval()
-        if cfg.train.device == "cpu":
-            cpu_speedups(self.model, **cfg.train.get("cpu_speedups", {}))
+        apply_cpu_speedups(self.model, cfg)  # a CPU model only
         SafeCheckpointer(self.model).load(cfg.train.init_checkpoint)
         resizes = [
             a

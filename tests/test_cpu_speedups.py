@@ -5,6 +5,7 @@ weights change no output."""
 
 import copy
 import itertools
+import os
 import unittest
 
 import torch
@@ -18,7 +19,7 @@ from cbam_hrnet_d2.cpu.process import keep_large_allocations_in_heap
 from cbam_hrnet_d2.cpu.roi_align import SparseROIAlign, use_sparse_roi_align
 from cbam_hrnet_d2.utils.testing import calibrate_norm_statistics
 
-from .common import get_config, load_tool
+from .common import CONFIGS, get_config, load_tool
 
 H, W = 160, 224
 
@@ -58,6 +59,18 @@ class TestTheLayerIsAppliedWhereTheDeviceIsTheCPU(unittest.TestCase):
         )
         self.assertFalse(any(isinstance(m, SparseROIAlign) for m in model.modules()))
         self.assertIsNone(model.backbone.bottom_up.eval_trunk)
+
+    def test_a_lazyconfig_model_gets_the_layer_on_the_cpu_only(self):
+        from detectron2.config import LazyConfig, instantiate
+
+        cfg = LazyConfig.load(os.path.join(CONFIGS, "lazy", "mask_rcnn_cbam_hrnet_w18_fpn.py"))
+        for device, on in (("cpu", True), ("cuda", False)):
+            with self.subTest(device=device):
+                cfg.train.device = device
+                model = apply_cpu_speedups(instantiate(cfg.model), cfg)
+                sparse = any(isinstance(m, SparseROIAlign) for m in model.modules())
+                self.assertEqual(sparse, on)
+                self.assertEqual(model.backbone.bottom_up.eval_trunk is not None, on)
 
     def test_each_switch_turns_its_speedup_off_alone(self):
         for key in ("CHANNELS_LAST", "SPARSE_ROI_ALIGN", "FOLD_BN"):

@@ -15,6 +15,7 @@ a model built for CUDA is detectron2's standard Mask R-CNN with this backbone.
 import logging
 
 import torch
+from detectron2.config import CfgNode
 from torch import nn
 
 from cbam_hrnet_d2.cpu.fold_bn import FoldedTrunk
@@ -46,21 +47,20 @@ def cpu_speedups(
 
 
 def apply_cpu_speedups(model: nn.Module, cfg) -> nn.Module:
-    """:func:`cpu_speedups` with ``cfg.MODEL.CPU``'s switches when ``cfg.MODEL.DEVICE`` is "cpu";
-    ``model`` untouched on any other device. ``cfg`` is a YAML config (a LazyConfig passes its
-    ``train.cpu_speedups`` to :func:`cpu_speedups` itself)."""
-    if cfg.MODEL.DEVICE != "cpu":
+    """:func:`cpu_speedups` with the config's switches when its device is "cpu"; ``model``
+    untouched on any other device. ``cfg`` is a YAML config (``MODEL.DEVICE``, ``MODEL.CPU.*``) or
+    a LazyConfig (``train.device``, ``train.cpu_speedups``: keyword arguments of
+    :func:`cpu_speedups`, all on when absent)."""
+    if isinstance(cfg, CfgNode):
+        device, on = cfg.MODEL.DEVICE, cfg.MODEL.CPU
+        switches = {
+            "channels_last": on.CHANNELS_LAST,
+            "sparse_roi_align": on.SPARSE_ROI_ALIGN,
+            "fold_bn": on.FOLD_BN,
+        }
+    else:
+        device, switches = cfg.train.device, dict(cfg.train.get("cpu_speedups", {}))
+    if device != "cpu":
         return model
-    on = cfg.MODEL.CPU
-    logger.info(
-        "CPU speed-ups (MODEL.CPU): channels-last %s, sparse RoIAlign %s, folded BatchNorm %s",
-        on.CHANNELS_LAST,
-        on.SPARSE_ROI_ALIGN,
-        on.FOLD_BN,
-    )
-    return cpu_speedups(
-        model,
-        channels_last=on.CHANNELS_LAST,
-        sparse_roi_align=on.SPARSE_ROI_ALIGN,
-        fold_bn=on.FOLD_BN,
-    )
+    logger.info("CPU speed-ups: %s", switches or "all on")
+    return cpu_speedups(model, **switches)

@@ -9,7 +9,7 @@ weights as a CSR matrix ``A`` (bins x pixels) and computes ``A @ F`` with ``F`` 
 as (pixels x channels) — a free view of a channels-last tensor — so forward and backward (``A^T @
 grad``) are multi-threaded sparse products. Same sampling grid, clamping and averaging as
 torchvision's kernel (``aligned`` and adaptive ``sampling_ratio`` 0 included);
-tests/test_roi_align.py checks equality.
+tests/test_cpu_speedups.py checks equality.
 
 On CUDA, for inputs other than float32/float64, and while the model is traced, scripted, exported
 or compiled (sparse tensors do not export; the graph must hold for any number of boxes), it runs

@@ -208,15 +208,13 @@ def hrnet_fpn(
             out_channels, norm, top_block, fuse_type).
     """
     if cbam_on_outputs:
-        fpn = CBAMFPN(
+        return CBAMFPN(
             bottom_up=bottom_up,
             cbam_reduction=cbam_reduction,
             cbam_kernel_size=cbam_kernel_size,
             **fpn_kwargs,
         )
-    else:
-        fpn = HRNetFPN(bottom_up=bottom_up, **fpn_kwargs)
-    return fpn
+    return HRNetFPN(bottom_up=bottom_up, **fpn_kwargs)
 
 
 def _check_choice(key: str, value, allowed: Sequence) -> None:
