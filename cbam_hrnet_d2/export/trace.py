@@ -10,10 +10,12 @@ the original image and pasting the masks (:func:`detectron2.modeling.postprocess
 detector_postprocess`) stay outside the graph, in fp32, as in detectron2. Any input size and any
 number of detections (0 included): everything with data-dependent shapes takes a traceable path
 while tracing (``SparseROIAlign`` runs torchvision's RoIAlign; GroupNorm is written with explicit
-sizes; the BN-folded trunk's weights become constants of the graph).
+sizes; the BN-folded trunk's weights become constants of the graph). The ONNX graph gets one
+rewrite for OpenVINO (:mod:`.onnx_graph`).
 """
 
 import copy
+import io
 import logging
 import os
 
@@ -22,6 +24,7 @@ from detectron2.data import DatasetMapper
 from detectron2.export import TracingAdapter
 from torch import nn
 
+from cbam_hrnet_d2.export.onnx_graph import empty_constants_as_fills
 from cbam_hrnet_d2.utils.files import atomic_write
 
 __all__ = ["FORMATS", "OUTPUT_NAMES", "load_sample_image", "export"]
@@ -93,6 +96,30 @@ def _inference(model, inputs):
     return [{"instances": model.inference(inputs, do_postprocess=False)[0]}]
 
 
+def _onnx_bytes(adapter, image: torch.Tensor) -> bytes:
+    """The ONNX graph of ``adapter`` traced on ``image``, with :func:`empty_constants_as_fills`."""
+    try:
+        import onnx
+    except ImportError as e:
+        raise ImportError("ONNX export needs onnx: pip install -e .[deploy]") from e
+    buffer = io.BytesIO()
+    per_detection = {name: {0: "detections"} for name in OUTPUT_NAMES[:4]}
+    torch.onnx.export(
+        adapter,
+        (image,),
+        buffer,
+        opset_version=ONNX_OPSET,
+        dynamo=False,
+        input_names=["image"],
+        output_names=OUTPUT_NAMES,
+        dynamic_axes={"image": {1: "height", 2: "width"}, **per_detection},
+    )
+    graph = onnx.load_model_from_string(buffer.getvalue())
+    rewritten = empty_constants_as_fills(graph)
+    logger.info("ONNX graph: %d empty If-branch constant(s) written as ConstantOfShape", rewritten)
+    return graph.SerializeToString()
+
+
 def export(model, image: torch.Tensor, fmt: str, output_dir: str) -> str:
     """Trace ``model`` (eval mode) on ``image`` and write ``output_dir/model.ts`` or
     ``model.onnx`` (atomically). Returns the path."""
@@ -110,19 +137,7 @@ def export(model, image: torch.Tensor, fmt: str, output_dir: str) -> str:
             traced = torch.jit.trace(adapter, (image,))
             atomic_write(path, lambda f: torch.jit.save(traced, f))
         else:
-            per_detection = {name: {0: "detections"} for name in OUTPUT_NAMES[:4]}
-            atomic_write(
-                path,
-                lambda f: torch.onnx.export(
-                    adapter,
-                    (image,),
-                    f,
-                    opset_version=ONNX_OPSET,
-                    dynamo=False,
-                    input_names=["image"],
-                    output_names=OUTPUT_NAMES,
-                    dynamic_axes={"image": {1: "height", 2: "width"}, **per_detection},
-                ),
-            )
+            data = _onnx_bytes(adapter, image)
+            atomic_write(path, lambda f: f.write(data))
     logger.info("Exported %s (inputs: image (C, H, W); outputs: %s)", path, OUTPUT_NAMES)
     return path
