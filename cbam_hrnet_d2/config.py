@@ -62,6 +62,10 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # In eval mode, run the HRNet trunk with its BatchNorms folded into the convs (folded from the
     # live weights; no effect with MODEL.HRNET.NORM "GN").
     _C.MODEL.CPU.FOLD_BN = True
+    # In eval mode, run the RPN, box and mask heads under bf16 autocast where TEST.PRECISION runs
+    # bf16 ("bf16", or "auto" on a CPU with native bf16, any input size); their outputs come back
+    # fp32 (box decoding, NMS, RoIAlign sampling, mask pasting stay fp32). No effect under "fp32".
+    _C.MODEL.CPU.BF16_HEADS = True
 
     # Training only (ROI_HEADS.NAME "CappedMaskROIHeads"): the mask head trains on at most this
     # many foreground proposals per image, drawn at random; the box head sees all of them. 0 = all
@@ -95,8 +99,9 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # training from scratch, e.g. the CPU shapes recipe). Both use SOLVER.BASE_LR and WEIGHT_DECAY*.
     _C.SOLVER.OPTIMIZER = "SGD"
 
-    # Precision of inference (eval mode) of the backbone + FPN: "fp32"; "bf16" (autocast; RPN,
-    # heads, box decoding, NMS, RoIAlign sampling and mask pasting stay fp32); "fp16" (CUDA only);
+    # Precision of inference (eval mode) of the backbone + FPN: "fp32"; "bf16" (autocast; box
+    # decoding, NMS, RoIAlign sampling and mask pasting stay fp32; on the CPU the heads follow,
+    # MODEL.CPU.BF16_HEADS); "fp16" (CUDA only);
     # "auto": bf16 on a CPU with native bf16 (AVX512-BF16 / AMX) for inputs of at least
     # AUTO_BF16_MIN_PIXELS (cbam_hrnet_d2/modeling/precision.py, where it pays), else fp32.
     _C.TEST.PRECISION = "auto"

@@ -1,6 +1,7 @@
-"""tools/export_model.py: the TorchScript and ONNX exports (ONNX run by ONNX Runtime) give the eager
-model's detections on images of other sizes than the sample and on an image without detections;
---run-eval gives train_net.py --eval-only's AP; bad arguments get clear errors."""
+"""tools/export_model.py: the TorchScript and ONNX exports (ONNX run by ONNX Runtime and by OpenVINO
+in f32) give the eager model's detections on images of other sizes than the sample and on an image
+without detections; --run-eval gives train_net.py --eval-only's AP; the ONNX graph rewrite for
+OpenVINO; bad arguments get clear errors."""
 
 import contextlib
 import io
@@ -21,6 +22,7 @@ from detectron2.modeling import build_model
 
 from cbam_hrnet_d2.data import generate_shapes
 from cbam_hrnet_d2.export import FORMATS, load_exported, load_sample_image
+from cbam_hrnet_d2.export.onnx_graph import empty_constants_as_fills
 
 from .common import get_config, load_tool
 from .test_training import CONFIG, run_train_net
@@ -99,11 +101,11 @@ class TestExport(unittest.TestCase):
         self.tool.main(args + self.data_opts + [str(o) for o in self.opts])
         return os.path.join(out, FORMATS[fmt])
 
-    def check_equal_to_eager(self, fmt):
+    def check_equal_to_eager(self, fmt, runtime="onnxruntime", **kwargs):
         path = self.export(fmt, "--sample-image", self.sample)
-        exported = load_exported(path)
+        exported = load_exported(path, runtime, **kwargs)
         for name, x in self.inputs.items():
-            with self.subTest(format=fmt, image=name):
+            with self.subTest(format=fmt, runtime=runtime, image=name):
                 ref = self.eager(x)
                 got = exported.run(x)
                 boxes, classes, masks, scores, size = got
@@ -130,18 +132,23 @@ class TestExport(unittest.TestCase):
     def test_onnx_runtime_equals_eager_on_other_sizes_and_without_detections(self):
         self.check_equal_to_eager("onnx")
 
+    def test_openvino_f32_equals_eager_on_other_sizes_and_without_detections(self):
+        self.check_equal_to_eager("onnx", "openvino", precision="f32")
+
     def test_run_eval_gives_the_eval_only_ap(self):
         ev = os.path.join(self.tmp.name, "eval_only")
         proc = run_train_net(["--eval-only", *self.data_opts, *self.opts, "OUTPUT_DIR", ev])
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
         with open(os.path.join(ev, "results.json")) as f:
             eager = json.load(f)["tiny_val"]
-        for fmt in ("onnx", "torchscript"):
-            out = os.path.join(self.tmp.name, "eval_" + fmt)
+        runs = [("onnx", "onnxruntime"), ("onnx", "openvino"), ("torchscript", "onnxruntime")]
+        for fmt, runtime in runs:
+            out = os.path.join(self.tmp.name, f"eval_{fmt}_{runtime}")
             args = ["--config-file", CONFIG, "--format", fmt, "--output", out, "--run-eval"]
+            args += ["--runtime", runtime, "--ov-precision", "f32"] if fmt == "onnx" else []
             results = self.tool.main(args + self.data_opts + [str(o) for o in self.opts])
             for task in ("bbox", "segm"):
-                with self.subTest(format=fmt, task=task):
+                with self.subTest(format=fmt, runtime=runtime, task=task):
                     a, b = eager[task]["AP"], results[task]["AP"]
                     self.assertTrue((math.isnan(a) and math.isnan(b)) or abs(a - b) <= 0.1, (a, b))
 
@@ -178,7 +185,11 @@ class TestExportErrors(unittest.TestCase):
                         self.tool.main(args)
                     self.assertFalse(os.path.exists(os.path.join(d, "model.ts")))
 
-    def test_loading_a_missing_file_or_without_onnxruntime_says_what_to_do(self):
+    def test_openvino_runtime_needs_the_onnx_format(self):
+        with self.assertRaisesRegex(ValueError, "--runtime openvino runs model.onnx: add --format"):
+            self.tool.main(["--config-file", CONFIG, "--output", "x", "--runtime", "openvino"])
+
+    def test_loading_a_missing_file_or_a_missing_runtime_says_what_to_do(self):
         with self.assertRaises(FileNotFoundError) as ctx:
             load_exported("/nonexistent/model.onnx")
         self.assertIn("/nonexistent/model.onnx", str(ctx.exception))
@@ -187,4 +198,51 @@ class TestExportErrors(unittest.TestCase):
             with mock.patch.dict(sys.modules, {"onnxruntime": None}):
                 with self.assertRaises(ImportError) as ctx:
                     load_exported(f.name)
-        self.assertIn("pip install -e .[deploy]", str(ctx.exception))
+            self.assertIn("pip install -e .[deploy]", str(ctx.exception))
+            with mock.patch.dict(sys.modules, {"openvino": None}):
+                with self.assertRaises(ImportError) as ctx:
+                    load_exported(f.name, "openvino")
+            self.assertIn("pip install -e .[openvino]", str(ctx.exception))
+            with self.assertRaisesRegex(ValueError, r"runtime 'tensorrt' is not supported"):
+                load_exported(f.name, "tensorrt")
+
+
+class _EmptyWhenNoneAbove(torch.nn.Module):
+    """Indices of the values above 0.5, by decreasing value: torchvision's empty-input branch."""
+
+    def forward(self, x):
+        return _sorted_or_empty(x[x > 0.5]) + 1
+
+
+@torch.jit._script_if_tracing
+def _sorted_or_empty(x: torch.Tensor) -> torch.Tensor:
+    if x.numel() == 0:  # what torchvision's batched_nms does
+        return torch.empty((0,), dtype=torch.int64)
+    return torch.argsort(x, descending=True)
+
+
+class TestOnnxGraphForOpenVINO(unittest.TestCase):
+    """The rewrite of empty If-branch constants: ONNX Runtime and OpenVINO both return nothing
+    where nothing is above the threshold (OpenVINO 2026.4 returned one undefined value before)."""
+
+    def test_empty_branch_comes_back_empty_under_both_runtimes(self):
+        import onnx
+        import onnxruntime as ort
+        import openvino as ov
+
+        buffer = io.BytesIO()
+        torch.onnx.export(
+            _EmptyWhenNoneAbove(), (torch.rand(6),), buffer, dynamo=False, opset_version=17,
+            input_names=["x"], output_names=["k"], dynamic_axes={"x": {0: "n"}, "k": {0: "m"}},
+        )  # fmt: skip
+        graph = onnx.load_model_from_string(buffer.getvalue())
+        self.assertEqual(empty_constants_as_fills(graph), 1)
+        self.assertEqual(empty_constants_as_fills(graph), 0)  # nothing left to rewrite
+        data = graph.SerializeToString()
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        compiled = ov.Core().compile_model(ov.Core().read_model(data, b""), "CPU")
+        for x, want in (([0.9, 0.1, 0.7], [1, 2]), ([0.1, 0.2], [])):
+            x = np.array(x, np.float32)
+            with self.subTest(x=x):
+                self.assertEqual(session.run(None, {"x": x})[0].tolist(), want)
+                self.assertEqual(compiled({0: x})[0].tolist(), want)

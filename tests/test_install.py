@@ -1,6 +1,7 @@
 """`pip install -e .` into an existing Detectron2 environment installs what the package imports:
 every third-party module imported under cbam_hrnet_d2/ is declared in pyproject.toml (the deploy
-runtime in its [deploy] extra); detectron2 itself is not installable by name and is documented."""
+runtimes in its [deploy] and [openvino] extras); detectron2 itself is not installable by name and
+is documented."""
 
 import ast
 import importlib.metadata as metadata
@@ -42,7 +43,8 @@ class TestDeclaredDependencies(unittest.TestCase):
         with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
             project = tomllib.load(f)["project"]
         declared = {_dist_name(r) for r in project["dependencies"]}
-        deploy = {_dist_name(r) for r in project["optional-dependencies"]["deploy"]}
+        extras = project["optional-dependencies"]
+        deploy = {_dist_name(r) for name in ("deploy", "openvino") for r in extras[name]}
         dists = metadata.packages_distributions()  # module -> the distributions providing it
         missing = []
         for module in sorted(imported_modules() - NOT_ON_PYPI):
@@ -53,7 +55,8 @@ class TestDeclaredDependencies(unittest.TestCase):
 
     def test_the_scan_sees_the_imports_it_must(self):
         found = imported_modules()
-        for module in ("torch", "timm", "cv2", "pycocotools", "detectron2", "onnxruntime"):
+        needed = ("torch", "timm", "cv2", "pycocotools", "detectron2", "onnxruntime", "openvino")
+        for module in needed:
             self.assertIn(module, found)
 
     def test_every_declared_dependency_has_a_lower_bound(self):

@@ -9,8 +9,9 @@ tools/deploy/export_model.py does:
         MODEL.WEIGHTS output/quickstart/model_final.pth
 
 Writes OUTPUT/model.ts or OUTPUT/model.onnx. What the exported model takes and returns:
-cbam_hrnet_d2/export/. ``--run-eval`` evaluates the exported file (TorchScript, or ONNX Runtime on
-the CPU) on the config's first test dataset and prints COCO AP, as ``train_net.py --eval-only``.
+cbam_hrnet_d2/export/. ``--run-eval`` evaluates the exported file (TorchScript, or model.onnx under
+``--runtime`` ONNX Runtime or OpenVINO, on the CPU) on the config's first test dataset and prints
+COCO AP, as ``train_net.py --eval-only``.
 """
 
 import argparse
@@ -32,7 +33,14 @@ from cbam_hrnet_d2.cpu import apply_cpu_speedups
 from cbam_hrnet_d2.cpu.process import set_cpu_threads
 from cbam_hrnet_d2.data import check_datasets, register_from_cfg
 from cbam_hrnet_d2.data.build import build_test_loader
-from cbam_hrnet_d2.export import FORMATS, export, load_exported, load_sample_image
+from cbam_hrnet_d2.export import (
+    FORMATS,
+    OPENVINO_PRECISIONS,
+    RUNTIMES,
+    export,
+    load_exported,
+    load_sample_image,
+)
 
 logger = logging.getLogger("cbam_hrnet_d2.export_model")
 
@@ -48,6 +56,18 @@ def get_parser() -> argparse.ArgumentParser:
         help="image to trace with (default: the first image of the first test dataset)",
     )
     parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument(
+        "--runtime",
+        choices=list(RUNTIMES),
+        default="onnxruntime",
+        help="what runs model.onnx for --run-eval / --latency (openvino: pip install .[openvino])",
+    )
+    parser.add_argument(
+        "--ov-precision",
+        choices=list(OPENVINO_PRECISIONS),
+        default="auto",
+        help="OpenVINO's inference precision (auto: bf16 where the CPU runs it natively, else f32)",
+    )
     parser.add_argument(
         "--run-eval",
         action="store_true",
@@ -81,8 +101,22 @@ def time_eager_and_exported(model, exported, inputs) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def load_runner(path: str, args):
+    """The runner of the exported file at ``path`` that ``args`` ask for."""
+    if not path.endswith(".onnx"):
+        return load_exported(path)
+    if args.runtime == "openvino":
+        return load_exported(path, "openvino", precision=args.ov_precision)
+    return load_exported(path, args.runtime)
+
+
 def main(argv=None) -> dict:
     args = get_parser().parse_args(argv)
+    if args.format != "onnx" and args.runtime != "onnxruntime":
+        raise ValueError(
+            f"--runtime {args.runtime} runs model.onnx: add --format onnx (--format {args.format} "
+            "runs under TorchScript)"
+        )
     if args.sample_image and not os.path.isfile(args.sample_image):
         raise FileNotFoundError(
             f"--sample-image {args.sample_image}: no such file. Give an image the model will see "
@@ -113,6 +147,7 @@ def main(argv=None) -> dict:
         test_dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])
     image = load_sample_image(cfg, args.sample_image or test_dicts[0]["file_name"])
     path = export(model, image, args.format, args.output)
+    runner_name = args.format if args.format != "onnx" else f"onnx under {args.runtime}"
     if args.latency:
         inputs = [
             {
@@ -122,19 +157,21 @@ def main(argv=None) -> dict:
             }
             for d in test_dicts[: args.latency]
         ]
-        seconds = time_eager_and_exported(model, load_exported(path), inputs)
+        seconds = time_eager_and_exported(model, load_runner(path, args), inputs)
         logger.info(
             "Latency on %d images of %s (HxW %s): eager %.4f s, %s %.4f s (median per image)",
             len(inputs), cfg.DATASETS.TEST[0], "x".join(map(str, inputs[0]["image"].shape[1:])),
-            seconds["eager"], args.format, seconds["exported"],
+            seconds["eager"], runner_name, seconds["exported"],
         )  # fmt: skip
 
     if not args.run_eval:
         return {}
     dataset = cfg.DATASETS.TEST[0]
-    evaluator = COCOEvaluator(dataset, output_dir=os.path.join(args.output, "eval_" + args.format))
-    results = inference_on_dataset(load_exported(path), build_test_loader(cfg, dataset), evaluator)
-    logger.info("COCO AP of %s on %s:", path, dataset)
+    name = args.format if args.format != "onnx" else args.runtime
+    evaluator = COCOEvaluator(dataset, output_dir=os.path.join(args.output, "eval_" + name))
+    runner = load_runner(path, args)
+    results = inference_on_dataset(runner, build_test_loader(cfg, dataset), evaluator)
+    logger.info("COCO AP of %s under %s on %s:", path, runner_name, dataset)
     print_csv_format(results)
     return results
 
@@ -142,6 +179,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
         logging.getLogger("cbam_hrnet_d2.export_model").error("%s", e)
         sys.exit(f"export_model.py: {e}")

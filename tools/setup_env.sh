@@ -31,8 +31,8 @@ if ! "$VPY" -c "import importlib.metadata as m; assert m.version('sal-detectron2
   pip_q install -q --no-deps "$tmp/sal_detectron2-$D2_VERSION-py3-none-any.whl"
   rm -rf "$tmp"
 fi
-# this repo, editable, with the [deploy] extra (onnx, onnxruntime: tools/export_model.py and its
-# tests); requirements.txt as constraints keeps numpy < 2
-pip_q install -q -e ".[deploy]" -c requirements.txt
-"$VPY" -c "import detectron2, timm, torch, onnxruntime, cbam_hrnet_d2; print('[setup] ok: torch', torch.__version__, 'detectron2', detectron2.__version__, 'timm', timm.__version__, 'onnxruntime', onnxruntime.__version__)"
+# this repo, editable, with the [deploy] and [openvino] extras (onnx, onnxruntime, openvino:
+# tools/export_model.py and its tests); requirements.txt as constraints keeps numpy < 2
+pip_q install -q -e ".[deploy,openvino]" -c requirements.txt
+"$VPY" -c "import detectron2, timm, torch, onnxruntime, openvino, cbam_hrnet_d2; print('[setup] ok: torch', torch.__version__, 'detectron2', detectron2.__version__, 'timm', timm.__version__, 'onnxruntime', onnxruntime.__version__, 'openvino', openvino.__version__)"
 echo "$want" > "$STAMP"
