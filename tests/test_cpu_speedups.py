@@ -1,7 +1,8 @@
 """The CPU speed layer (cbam_hrnet_d2/cpu, MODEL.CPU.*): applied to CPU models only, each switch on
 its own, and the model it speeds up gives the plain model's results: SparseROIAlign equals
 torchvision's RoIAlign (forward and gradients), the BN-folded trunk equals the trunk, channels-last
-weights change no output."""
+weights change no output; bf16 heads change nothing under fp32 and stay within bf16 rounding of
+the fp32 heads under bf16."""
 
 import copy
 import itertools
@@ -14,6 +15,7 @@ from detectron2.modeling import build_model
 from torchvision.ops import roi_align
 
 from cbam_hrnet_d2.cpu import apply_cpu_speedups
+from cbam_hrnet_d2.cpu.bf16_heads import HEADS, heads_dtype
 from cbam_hrnet_d2.cpu.fold_bn import FoldedTrunk, conv_bn_pairs
 from cbam_hrnet_d2.cpu.process import keep_large_allocations_in_heap
 from cbam_hrnet_d2.cpu.roi_align import SparseROIAlign, use_sparse_roi_align
@@ -26,9 +28,9 @@ H, W = 160, 224
 
 def build_pair(opts=()):
     """(plain model, the same model with the CPU speed layer), same weights and BN statistics,
-    eval mode."""
+    eval mode; fp32 unless ``opts`` set TEST.PRECISION (bf16 heads: :class:`TestBf16Heads`)."""
     torch.manual_seed(0)
-    cfg = get_config(opts=list(opts))
+    cfg = get_config(opts=["TEST.PRECISION", "fp32", *opts])
     plain = build_model(cfg)
     calibrate_norm_statistics(plain.backbone, torch.rand(1, 3, H, W) * 2 - 1)
     fast = apply_cpu_speedups(copy.deepcopy(plain), cfg)
@@ -73,9 +75,9 @@ class TestTheLayerIsAppliedWhereTheDeviceIsTheCPU(unittest.TestCase):
                 self.assertEqual(model.backbone.bottom_up.eval_trunk is not None, on)
 
     def test_each_switch_turns_its_speedup_off_alone(self):
-        for key in ("CHANNELS_LAST", "SPARSE_ROI_ALIGN", "FOLD_BN"):
+        for key in ("CHANNELS_LAST", "SPARSE_ROI_ALIGN", "FOLD_BN", "BF16_HEADS"):
             with self.subTest(key=key):
-                cfg = get_config(opts=[f"MODEL.CPU.{key}", False])
+                cfg = get_config(opts=[f"MODEL.CPU.{key}", False, "TEST.PRECISION", "bf16"])
                 model = apply_cpu_speedups(build_model(cfg), cfg)
                 on = {
                     "CHANNELS_LAST": model.backbone.bottom_up.trunk.conv1.weight.is_contiguous(
@@ -83,6 +85,7 @@ class TestTheLayerIsAppliedWhereTheDeviceIsTheCPU(unittest.TestCase):
                     ),
                     "SPARSE_ROI_ALIGN": any(isinstance(m, SparseROIAlign) for m in model.modules()),
                     "FOLD_BN": model.backbone.bottom_up.eval_trunk is not None,
+                    "BF16_HEADS": bool(model.roi_heads.box_head._forward_pre_hooks),
                 }
                 self.assertEqual({k: v for k, v in on.items() if not v}, {key: False})
 
@@ -263,6 +266,85 @@ class TestSpeedOptionsKeepResults(unittest.TestCase):
             pa, pb = plain.backbone(self.x.double()), fast.backbone(self.x)
         for name in pa:
             assert_close(self, pa[name], pb[name].double())
+
+
+# bf16 keeps 8 bits of mantissa (relative rounding 4e-3 per value); through the heads' 2-6 layers of
+# a random-init model (this file's) they differ from fp32 by a few 1e-3 of their largest value
+# (measured 2026-12-02, AVX512-BF16 CPU: 3.4e-3 scores, 2.1e-3 mask probabilities, 1.6e-3 box
+# deltas); a head left in fp32 differs by 0, a wrong cast by O(1)
+BF16_TOL = 2e-2
+
+
+class TestBf16Heads(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.x = torch.rand(1, 3, H, W) * 2 - 1
+        _, cls.bf16 = build_pair(["TEST.PRECISION", "bf16"])
+        _, cls.fp32_heads = build_pair(["TEST.PRECISION", "bf16", "MODEL.CPU.BF16_HEADS", False])
+
+    def inner_dtypes(self, model, run):
+        """{head: dtype of its first conv / linear output} while ``run()`` runs."""
+        seen, handles = {}, []
+
+        def record(name):
+            def hook(module, args, out):
+                seen.setdefault(name, out.dtype)
+
+            return hook
+
+        for name, (parent, attr) in HEADS.items():
+            head = getattr(getattr(model, parent), attr)
+            layers = (torch.nn.Conv2d, torch.nn.Linear)
+            inner = next(m for m in head.modules() if isinstance(m, layers))
+            handles.append(inner.register_forward_hook(record(name)))
+        try:
+            run()
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    def test_heads_run_bf16_and_hand_float32_on(self):
+        with torch.no_grad():
+            seen = self.inner_dtypes(self.bf16, lambda: fixed_work(self.bf16)(self.x))
+            scores, masks = fixed_work(self.bf16)(self.x)
+        self.assertEqual(seen, {name: torch.bfloat16 for name in HEADS})
+        self.assertEqual((scores.dtype, masks.dtype), (torch.float32, torch.float32))
+
+    def test_within_bf16_rounding_of_fp32_heads(self):
+        with torch.no_grad():
+            sa, ma = fixed_work(self.fp32_heads)(self.x)
+            sb, mb = fixed_work(self.bf16)(self.x)
+            da, db = (
+                TestSpeedOptionsKeepResults.box_deltas(m, self.x)
+                for m in (self.fp32_heads, self.bf16)
+            )
+        for a, b in ((sa, sb), (ma, mb), (da, db)):
+            assert_close(self, a, b, BF16_TOL)
+        self.assertFalse(torch.equal(sa, sb))  # the heads really ran in bf16
+
+    def test_fp32_changes_nothing_bit_for_bit(self):
+        plain, fast = build_pair()  # TEST.PRECISION fp32, BF16_HEADS on
+        for parent, attr in HEADS.values():
+            head = getattr(getattr(fast, parent), attr)
+            self.assertFalse(head._forward_pre_hooks or head._forward_hooks)
+        self.assertIsNone(heads_dtype("fp32"))
+
+    def test_training_mode_runs_float32(self):
+        self.bf16.train()
+        try:
+            seen = self.inner_dtypes(
+                self.bf16, lambda: self.bf16.roi_heads.box_head(torch.rand(4, 256, 7, 7))
+            )
+        finally:
+            self.bf16.eval()
+        self.assertEqual(seen, {"box_head": torch.float32})
+
+    def test_auto_is_bf16_exactly_where_the_cpu_runs_it_natively(self):
+        from cbam_hrnet_d2.modeling.precision import native_bf16
+
+        self.assertEqual(heads_dtype("auto"), torch.bfloat16 if native_bf16("cpu") else None)
+        self.assertEqual(heads_dtype("bf16"), torch.bfloat16)
 
 
 class TestFoldBatchnorm(unittest.TestCase):
