@@ -29,7 +29,7 @@ def main(argv):
 # a config with overrides in the same argument: the CPU speed layer off
 PLAIN = (
     f"{DEFAULT_CONFIG} MODEL.CPU.CHANNELS_LAST False MODEL.CPU.SPARSE_ROI_ALIGN False "
-    "MODEL.CPU.FOLD_BN False"
+    "MODEL.CPU.FOLD_BN False MODEL.CPU.BF16_HEADS False"
 )
 # a bf16 row: measured where the CPU runs bf16 natively, listed as skipped where it emulates it
 BF16 = f"{DEFAULT_CONFIG} TEST.PRECISION bf16"
@@ -56,13 +56,30 @@ class TestBenchmark(unittest.TestCase):
                     "1",
                     "--out",
                     d,
+                    "--export-runtimes",
+                    "onnxruntime",
+                    "openvino",
                 ]
             )
             with open(os.path.join(d, "benchmark.json")) as f:
                 data = json.load(f)
             with open(os.path.join(d, "benchmark.md")) as f:
                 md = f.read()
-        self.assertEqual(list(data["rows"]), [REFERENCE, DEFAULT_CONFIG, PLAIN, BF16])
+            self.assertTrue(os.path.isfile(os.path.join(d, "export", "model.onnx")))
+        e2e = [
+            f"{DEFAULT_CONFIG} end to end: {name}" for name in ("eager", "ONNX under onnxruntime")
+        ]
+        openvino = f"{DEFAULT_CONFIG} end to end: ONNX under openvino "
+        openvino += "bf16" if native_bf16("cpu") else "f32"
+        self.assertEqual(
+            list(data["rows"]), [REFERENCE, DEFAULT_CONFIG, *e2e, openvino, PLAIN, BF16]
+        )
+        # the exported model does the eager model's work: the same detections, timed
+        counts = {data["rows"][k]["detections"] for k in (*e2e, openvino)}
+        self.assertEqual(len(counts), 1, counts)
+        for key in (*e2e, openvino):
+            self.assertGreater(data["rows"][key]["end_to_end_s"], 0)
+        self.assertEqual(data["rows"][e2e[0]]["end_to_end_speedup_vs_eager"], 1.0)
         bf16 = data["rows"][BF16]
         self.assertEqual(bf16["precision"], "bf16")
         self.assertEqual(data["meta"]["bf16_native"], native_bf16("cpu"))

@@ -50,8 +50,10 @@ from tabulate import tabulate
 
 from cbam_hrnet_d2.config import load_config
 from cbam_hrnet_d2.cpu import apply_cpu_speedups, cpu_speedups
+from cbam_hrnet_d2.cpu.bf16_heads import bf16_heads as run_heads_in_bf16
 from cbam_hrnet_d2.cpu.fold_bn import batchnorm_unfolded
 from cbam_hrnet_d2.cpu.process import keep_large_allocations_in_heap
+from cbam_hrnet_d2.export import RUNTIMES, export, load_exported
 from cbam_hrnet_d2.modeling.precision import autocast_dtype, native_bf16, run_autocast
 from cbam_hrnet_d2.utils.memory import peak_rss_mib
 from cbam_hrnet_d2.utils.testing import calibrate_norm_statistics, synthetic_batch
@@ -246,12 +248,19 @@ def measure_training(
 
 
 def prepare_inference(
-    config: str, h: int, w: int, opts: Sequence[str] = (), emulated_bf16: bool = True
+    config: str,
+    h: int,
+    w: int,
+    opts: Sequence[str] = (),
+    emulated_bf16: bool = True,
+    export_to: str = "",
+    runtimes: Sequence[str] = (),
 ):
     """Build ``config`` in eval mode with calibrated norm statistics; count its parameters and
     GMACs. Returns (row, {"backbone_fpn_s" / "trunk_s" / "model_s": callable running that part on
     one image}); the callables are ``{}`` (and ``row["skipped"]`` says why) for a bf16 row on a CPU
-    that emulates bf16 unless ``emulated_bf16``."""
+    that emulates bf16 unless ``emulated_bf16``. With ``export_to``, also :func:`end_to_end_rows`
+    (exported there) as a third element."""
     torch.manual_seed(0)
     treated = config in TREATED
     cfg = load_cfg(REFERENCE if treated else config, opts)
@@ -272,13 +281,14 @@ def prepare_inference(
     row["precision"] = "bf16" if dtype == torch.bfloat16 else "fp32"
     if dtype == torch.bfloat16 and not emulated_bf16 and not native_bf16(x.device):
         row["skipped"] = EMULATED_BF16  # before any forward pass: emulated bf16 takes minutes
-        return row, {}
+        return (row, {}, {}) if export_to else (row, {})
     calibrate_norm_statistics(model.backbone, x)
     # the bottom-up network as the model runs it (for HRNet: the trunk plus any CBAM on its
     # branches)
     trunk = getattr(model.backbone, "bottom_up", model.backbone)
     if treated and dtype is not None:
         model.backbone = _Autocast(model.backbone)
+        run_heads_in_bf16(model, "bf16")  # as MODEL.CPU.BF16_HEADS runs ours
     whole = FixedWork(model, h, w)
 
     def gmac(module, inputs):
@@ -301,7 +311,33 @@ def prepare_inference(
         "trunk_s": run_trunk,
         "model_s": lambda: whole(x),
     }
+    if export_to:
+        return row, timed, end_to_end_rows(model, image, export_to, runtimes)
     return row, timed
+
+
+def end_to_end_rows(model, image: torch.Tensor, out: str, runtimes: Sequence[str]):
+    """The whole model end to end on ``image`` (its real proposals; score threshold 0, so up to
+    TEST.DETECTIONS_PER_IMAGE detections; masks not pasted), eager and exported to ONNX under each
+    of ``runtimes``: {name: (row, {"end_to_end_s": callable})}, rows with the detection count
+    (the same work where it is equal)."""
+    model.roi_heads.box_predictor.test_score_thresh = 0.0
+    runners = {"eager": lambda: model.inference([{"image": image}], do_postprocess=False)[0]}
+    path = export(model, image, "onnx", out)
+    for runtime in runtimes:
+        exported = load_exported(path, runtime)
+        name = f"ONNX under {runtime}" + (f" {exported.precision}" if runtime == "openvino" else "")
+        runners[name] = lambda e=exported: e.run(image)
+    rows = {}
+    with torch.inference_mode():
+        for name, run in runners.items():
+            out_ = run()
+            count = len(out_) if isinstance(out_, Instances) else len(out_[3])
+            precision = model.backbone.precision if name == "eager" else "fp32"
+            if name.startswith("ONNX under openvino"):
+                precision = name.split()[-1]
+            rows[name] = ({"precision": precision, "detections": count}, {"end_to_end_s": run})
+    return rows
 
 
 def time_interleaved(
@@ -389,6 +425,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         help="measure bf16 rows even on a CPU without native bf16 (slow: minutes a row at 800 px)",
     )
     parser.add_argument(
+        "--export-runtimes",
+        nargs="*",
+        default=[],
+        choices=list(RUNTIMES),
+        help="also time the first config end to end, eager and exported to ONNX under these "
+        "runtimes (score threshold 0; the same image and model)",
+    )
+    parser.add_argument(
         "--mmap-large-allocations",
         action="store_true",
         help="keep glibc's default of mmap() for large blocks (train_net.py turns it off on CPU)",
@@ -415,7 +459,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for i, spec in enumerate(configs):
         logger.info("[%d/%d] building %s", i + 1, len(configs), spec)
         config, opts = _split(spec)
-        rows[spec], timed[spec] = prepare_inference(config, h, w, opts, args.emulated_bf16)
+        if i == 1 and args.export_runtimes:
+            export_to = os.path.join(args.out, "export")
+            rows[spec], timed[spec], e2e = prepare_inference(
+                config, h, w, opts, args.emulated_bf16, export_to, args.export_runtimes
+            )
+            for name, (row, fns) in e2e.items():
+                key = f"{spec} end to end: {name}"
+                rows[key], timed[key] = row, fns
+        else:
+            rows[spec], timed[spec] = prepare_inference(config, h, w, opts, args.emulated_bf16)
     for spec, seconds in time_interleaved(timed, args.iters).items():
         rows[spec].update(seconds)
         logger.info("  %s: %s", spec, {k: round(v, 3) for k, v in seconds.items()})
@@ -443,7 +496,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 heap,
             )
         )
-    measured = [row for row in rows.values() if "skipped" not in row]
+    measured = [row for row in rows.values() if "skipped" not in row and "trunk_s" in row]
     for row in measured:
         roof = peak_bf16 if row["precision"] == "bf16" else peak
         row["trunk_peak_fraction"] = row["trunk_GMAC"] / row["trunk_s"] / roof
@@ -456,6 +509,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if "backbone_fpn_s" in rows.get(spec, {}):
                 treated = rows[spec]["backbone_fpn_s"]
                 row["backbone_fpn_speedup_vs_R50" + key] = treated / row["backbone_fpn_s"]
+    e2e = {k: r for k, r in rows.items() if "end_to_end_s" in r}
+    eager = next((r for k, r in e2e.items() if k.endswith(": eager")), None)
+    for row in e2e.values():
+        row["end_to_end_speedup_vs_eager"] = eager["end_to_end_s"] / row["end_to_end_s"]
     os.makedirs(args.out, exist_ok=True)
     meta = {
         "size": [h, w],
