@@ -374,7 +374,7 @@ def time_interleaved(
 
 
 # keys that change inference only: rows that differ from another only in these are not trained
-INFERENCE_ONLY = ("TEST.",)
+INFERENCE_ONLY = ("TEST.", "MODEL.CPU.BF16_HEADS")
 
 
 def _split(spec: str):
@@ -409,7 +409,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument(
-        "--train-iters", type=int, default=3, help="timed training iterations (median)"
+        "--train-iters",
+        type=int,
+        default=3,
+        help="timed training iterations (median); 0: inference only, no training rows",
     )
     parser.add_argument(
         "--train-warmup",
@@ -475,6 +478,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     del timed  # free the models before the training processes start
     start = time.time()
     trained = [s for s in configs if _trains_differently(s) and "skipped" not in rows[s]]
+    if args.train_iters == 0:
+        logger.info("--train-iters 0: inference only")
+        trained = []
     if not bf16_native and not args.emulated_bf16:
         for spec in [s for s in trained if load_cfg(*_split(s)).SOLVER.AMP.ENABLED]:
             rows[spec]["train_skipped"] = EMULATED_BF16
