@@ -322,20 +322,19 @@ def end_to_end_rows(model, image: torch.Tensor, out: str, runtimes: Sequence[str
     of ``runtimes``: {name: (row, {"end_to_end_s": callable})}, rows with the detection count
     (the same work where it is equal)."""
     model.roi_heads.box_predictor.test_score_thresh = 0.0
-    runners = {"eager": lambda: model.inference([{"image": image}], do_postprocess=False)[0]}
+    eager = lambda: model.inference([{"image": image}], do_postprocess=False)[0]  # noqa: E731
+    runners = {"eager": (eager, model.backbone.precision)}  # name -> (callable, precision)
     path = export(model, image, "onnx", out)
     for runtime in runtimes:
         exported = load_exported(path, runtime)
-        name = f"ONNX under {runtime}" + (f" {exported.precision}" if runtime == "openvino" else "")
-        runners[name] = lambda e=exported: e.run(image)
+        precision = getattr(exported, "precision", "fp32")  # OpenVINO's, as it resolved "auto"
+        name = f"ONNX under {runtime}" + (f" {precision}" if runtime == "openvino" else "")
+        runners[name] = (lambda e=exported: e.run(image), precision)
     rows = {}
     with torch.inference_mode():
-        for name, run in runners.items():
+        for name, (run, precision) in runners.items():
             out_ = run()
             count = len(out_) if isinstance(out_, Instances) else len(out_[3])
-            precision = model.backbone.precision if name == "eager" else "fp32"
-            if name.startswith("ONNX under openvino"):
-                precision = name.split()[-1]
             rows[name] = ({"precision": precision, "detections": count}, {"end_to_end_s": run})
     return rows
 
