@@ -205,6 +205,15 @@ class TestExportErrors(unittest.TestCase):
             self.assertIn("pip install -e .[openvino]", str(ctx.exception))
             with self.assertRaisesRegex(ValueError, r"runtime 'tensorrt' is not supported"):
                 load_exported(f.name, "tensorrt")
+            with self.assertRaisesRegex(ValueError, r"OpenVINO precision 'fp16' .*'auto', 'f32'"):
+                load_exported(f.name, "openvino", precision="fp16")
+
+    def test_onnx_export_without_onnx_names_the_extra(self):
+        from cbam_hrnet_d2.export.trace import _onnx_bytes
+
+        with mock.patch.dict(sys.modules, {"onnx": None}):
+            with self.assertRaisesRegex(ImportError, re.escape("pip install -e .[deploy]")):
+                _onnx_bytes(None, None)  # fails at the import, before tracing anything
 
 
 class _EmptyWhenNoneAbove(torch.nn.Module):
