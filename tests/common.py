@@ -36,8 +36,13 @@ def get_config(config_file=DEFAULT_CONFIG, opts=(), device="cpu"):
 def load_tool(name):
     """``tools/<name>.py`` as a module: a script, as in detectron2's tools/ (the sal-detectron2
     wheel owns the package name ``tools``)."""
-    path = os.path.join(REPO, "tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
+    return load_script(os.path.join("tools", f"{name}.py"))
+
+
+def load_script(relpath):
+    """The script at ``relpath`` (from the repository root) as a module, without running main."""
+    name = os.path.splitext(relpath)[0].replace(os.sep, "_")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relpath))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

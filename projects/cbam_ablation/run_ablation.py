@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import platform
 import re
 import statistics
 import subprocess
@@ -52,7 +53,14 @@ ROWS = {
     "no_cbam": ("HRNet-W18, no CBAM", ["MODEL.CBAM.ENABLED", "False"]),
     "r50_fpn": ("Detectron2 R50-FPN", _R50),
     "hard_aug": ("CBAM on the branches + INPUT.HARD_AUG", ["INPUT.HARD_AUG.ENABLED", "True"]),
+    "hard_aug_p05": (
+        "CBAM on the branches + INPUT.HARD_AUG, PROB 0.05",
+        ["INPUT.HARD_AUG.ENABLED", "True", "INPUT.HARD_AUG.PROB", "0.05"],
+    ),
 }
+# the row each row is read against in the report: no CBAM, or the seed design for its augmentations
+BASELINES = {"hard_aug": "cbam_branches", "hard_aug_p05": "cbam_branches"}
+BASELINE = "no_cbam"
 DATASETS = os.getenv("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
 HARD = os.path.join(DATASETS, "shapes_val_hard")
 HARD_OPTS = [
@@ -64,8 +72,32 @@ HARD_OPTS = [
 logger = logging.getLogger("cbam_ablation")
 
 
-def record_path(budget: str, row: str, seed: int) -> str:
-    return os.path.join(HERE, "runs", budget, row, f"seed{seed}.json")
+RUNS = os.path.join(HERE, "runs")
+_CAPTURE = dict(capture_output=True, text=True)
+
+
+def record_path(budget: str, row: str, seed: int, runs: str = RUNS) -> str:
+    return os.path.join(runs, budget, row, f"seed{seed}.json")
+
+
+def machine() -> str:
+    """Where a record was made: cores, CPU model and ISA, torch, and the code's commit."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = re.findall(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        model = names[0].strip() if names else model
+    bf16 = torch.cpu._is_avx512_bf16_supported()
+    git = ["git", "-C", REPO]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], **_CAPTURE)
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], **_CAPTURE)
+    return (
+        f"{os.cpu_count()}-core {model} ({torch.backends.cpu.get_cpu_capability()}"
+        f"{', AVX512-BF16' if bf16 else ', no native bf16'}), torch {torch.__version__}, "
+        f"code {commit.stdout.strip() or 'unknown'}{'+changes' if dirty.stdout.strip() else ''}"
+    )
 
 
 def _train_net(args: List[str], log_file: str) -> None:
@@ -135,6 +167,7 @@ def run_one(budget: str, row: str, seed: int, out: str) -> dict:
         "train_min": (wall - _seconds(total)) / 60,
         "finished": time.strftime("%Y-%m-%d %H:%M"),
         "command": " ".join(["python train_net.py", *train]).replace(REPO + os.sep, ""),
+        "machine": machine(),
     }
     path = record_path(budget, row, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -143,54 +176,87 @@ def run_one(budget: str, row: str, seed: int, out: str) -> dict:
     return record
 
 
+METRICS = {"val_bbox_AP": "val bbox", "val_segm_AP": "val segm"}
+METRICS.update({"hard_bbox_AP": "hard bbox", "hard_segm_AP": "hard segm"})
+
+
 def _mean_spread(values):
     return statistics.mean(values), (max(values) - min(values)) / 2
 
 
-def report(budget: str, rows, seeds, dest: str) -> str:
-    """results_BUDGET.md / .json from the committed records; returns the Markdown table."""
+def _values(runs: Dict[int, dict]) -> Dict[str, List[float]]:
+    """Per metric (METRICS, infer_ms, train_min), its values over the runs."""
+    values = {}
+    for key in METRICS:
+        split, ap = key.split("_", 1)
+        values[key] = [r[split][ap] for r in runs.values()]
+    for key in ("infer_ms", "train_min"):
+        values[key] = [r[key] for r in runs.values()]
+    return values
+
+
+def reading(data: Dict[str, dict]) -> List[str]:
+    """One line per row against its baseline (BASELINES, else BASELINE): the difference of the
+    means per metric and whether it lies outside the seed spread (every seed of one row above, or
+    below, every seed of the other)."""
+    lines = []
+    for row, d in data.items():
+        base_row = BASELINES.get(row, BASELINE)
+        base = data.get(base_row)
+        if row == base_row or base is None:
+            continue
+        n, nb = len(d["seeds"]), len(base["seeds"])
+        a_all, b_all = _values(d["seeds"]), _values(base["seeds"])
+        parts = []
+        for key, label in METRICS.items():
+            a, b = a_all[key], b_all[key]
+            if min(n, nb) < 2:
+                verdict = "one seed, no reading"
+            elif min(a) > max(b):
+                verdict = "outside the spread: every seed above"
+            elif max(a) < min(b):
+                verdict = "outside the spread: every seed below"
+            else:
+                verdict = "within the seed spread"
+            parts.append(f"{label} {statistics.mean(a) - statistics.mean(b):+.1f} ({verdict})")
+        title, base_title = ROWS[row][0], ROWS[base_row][0]
+        lines.append(f"- {title} vs {base_title} ({n} vs {nb} seeds): " + "; ".join(parts))
+    return lines
+
+
+def report(budget: str, rows, seeds, dest: str, runs: str = RUNS) -> str:
+    """results_BUDGET.md / .json from the committed records; returns the Markdown (the table and,
+    the reading of each row against its baseline, where that has records)."""
     table, data = [], {}
     for row in rows:
-        runs = {}
+        found = {}
         for seed in seeds:
-            if os.path.exists(record_path(budget, row, seed)):
-                with open(record_path(budget, row, seed)) as f:
-                    runs[seed] = json.load(f)
-        if not runs:
+            if os.path.exists(record_path(budget, row, seed, runs)):
+                with open(record_path(budget, row, seed, runs)) as f:
+                    found[seed] = json.load(f)
+        if not found:
             continue
-        values = {
-            f"{split}_{k}": [r[split][k] for r in runs.values()]
-            for split in ("val", "hard")
-            for k in ("bbox_AP", "segm_AP")
-        }
-        values["infer_ms"] = [r["infer_ms"] for r in runs.values()]
-        values["train_min"] = [r["train_min"] for r in runs.values()]
-        stats = {k: _mean_spread(v) for k, v in values.items()}
-        data[row] = {"seeds": runs, "mean_spread": stats}
+        stats = {k: _mean_spread(v) for k, v in _values(found).items()}
+        data[row] = {"seeds": found, "mean_spread": stats}
 
         def fmt(k):
             return f"{stats[k][0]:.1f} ± {stats[k][1]:.1f}"
 
         per_seed = ", ".join(
-            f"{s}: {r['val']['bbox_AP']:.1f}/{r['hard']['bbox_AP']:.1f}" for s, r in runs.items()
+            f"{s}: {r['val']['bbox_AP']:.1f}/{r['hard']['bbox_AP']:.1f}" for s, r in found.items()
         )
         table.append(
-            [ROWS[row][0], len(runs), fmt("val_bbox_AP"), fmt("val_segm_AP")]
-            + [fmt("hard_bbox_AP"), fmt("hard_segm_AP"), f"{stats['infer_ms'][0]:.0f}"]
+            [ROWS[row][0], len(found), *(fmt(k) for k in METRICS), f"{stats['infer_ms'][0]:.0f}"]
             + [f"{stats['train_min'][0]:.1f}", per_seed]
         )
-    headers = [
-        "model",
-        "seeds",
-        "val bbox AP",
-        "val segm AP",
-        "hard bbox AP",
-        "hard segm AP",
-        "infer ms/img",
-        "train min",
-        "per seed (val/hard bbox)",
-    ]
+    headers = ["model", "seeds", *(f"{label} AP" for label in METRICS.values())]
+    headers += ["infer ms/img", "train min", "per seed (val/hard bbox)"]
     md = tabulate(table, headers=headers, tablefmt="pipe", disable_numparse=True)
+    lines = reading(data)
+    if lines:
+        md += "\n\nEach row against its baseline (difference of the means, AP):\n\n" + "\n".join(
+            lines
+        )
     for name, text in (
         (f"results_{budget}.md", md + "\n"),
         (f"results_{budget}.json", json.dumps(data, indent=2)),

@@ -1,0 +1,79 @@
+"""projects/cbam_ablation/run_ablation.py: the table and its reading from records on disk (the
+training runs themselves are the sweep's, tens of minutes each)."""
+
+import json
+import os
+import tempfile
+import unittest
+
+from .common import load_script
+
+ablation = load_script(os.path.join("projects", "cbam_ablation", "run_ablation.py"))
+
+
+def write_record(runs, row, seed, val_bbox, hard_bbox):
+    record = {
+        "val": {"bbox_AP": val_bbox, "segm_AP": val_bbox - 1},
+        "hard": {"bbox_AP": hard_bbox, "segm_AP": hard_bbox - 1},
+        "infer_ms": 100.0,
+        "train_min": 40.0 + seed,
+    }
+    path = ablation.record_path("full", row, seed, runs)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f)
+
+
+class TestAblationReport(unittest.TestCase):
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.runs, self.dest = os.path.join(tmp.name, "runs"), tmp.name
+
+    def report(self, rows, seeds=(42, 1, 2)):
+        md = ablation.report("full", rows, list(seeds), self.dest, runs=self.runs)
+        with open(os.path.join(self.dest, "results_full.json")) as f:
+            return md, json.load(f)
+
+    def test_mean_spread_and_reading_outside_and_within_the_spread(self):
+        # CBAM: val 70, 71, 72 (all below no_cbam's 73..75); hard 36, 38, 40 vs 37..39 (overlap)
+        for seed, val, hard in ((42, 70, 36), (1, 71, 38), (2, 72, 40)):
+            write_record(self.runs, "cbam_branches", seed, val, hard)
+        for seed, val, hard in ((42, 73, 37), (1, 74, 38), (2, 75, 39)):
+            write_record(self.runs, "no_cbam", seed, val, hard)
+        md, data = self.report(["cbam_branches", "no_cbam"])
+        mean, spread = data["cbam_branches"]["mean_spread"]["hard_bbox_AP"]
+        self.assertEqual((mean, spread), (38, 2))
+        self.assertEqual(data["no_cbam"]["mean_spread"]["train_min"], [55, 20.5])  # 82, 41, 42
+        self.assertIn("| 71.0 ± 1.0", md)
+        line = next(x for x in md.splitlines() if x.startswith("- CBAM on HRNet-W18 branches"))
+        self.assertIn("(3 vs 3 seeds)", line)
+        self.assertIn("val bbox -3.0 (outside the spread: every seed below)", line)
+        self.assertIn("hard bbox +0.0 (within the seed spread)", line)
+        with open(os.path.join(self.dest, "results_full.md")) as f:
+            self.assertEqual(f.read(), md + "\n")
+
+    def test_augmentation_rows_read_against_the_seed_design_and_one_seed_gives_no_reading(self):
+        write_record(self.runs, "cbam_branches", 42, 70, 36)
+        write_record(self.runs, "cbam_branches", 1, 71, 37)
+        write_record(self.runs, "hard_aug", 42, 65, 39)
+        md, data = self.report(["cbam_branches", "no_cbam", "hard_aug"])
+        self.assertEqual(sorted(data), ["cbam_branches", "hard_aug"])  # no records: no row
+        lines = [x for x in md.splitlines() if x.startswith("- ")]
+        self.assertEqual(len(lines), 1, md)  # the seed design has no baseline records
+        self.assertIn("vs CBAM on HRNet-W18 branches (seed design) (1 vs 2 seeds)", lines[0])
+        self.assertIn("val bbox -5.5 (one seed, no reading)", lines[0])
+        self.assertIn("hard bbox +2.5 (one seed, no reading)", lines[0])
+
+    def test_a_seed_outside_the_asked_seeds_is_left_out(self):
+        write_record(self.runs, "no_cbam", 42, 70, 30)
+        write_record(self.runs, "no_cbam", 7, 10, 3)
+        _, data = self.report(["no_cbam"], seeds=(42,))
+        self.assertEqual(data["no_cbam"]["mean_spread"]["val_bbox_AP"], [70, 0])
+
+    def test_machine_names_cores_isa_torch_and_commit(self):
+        text = ablation.machine()
+        self.assertRegex(
+            text, r"^\d+-core .+ \((AVX|DEFAULT|ZVECTOR|NO AVX|VSX|SVE).*\), torch 2\."
+        )
+        self.assertRegex(text, r"code ([0-9a-f]{7,}|unknown)")
