@@ -46,6 +46,7 @@ class TestAblationReport(unittest.TestCase):
         self.assertEqual((mean, spread), (38, 2))
         self.assertEqual(data["no_cbam"]["mean_spread"]["train_min"], [55, 20.5])  # 82, 41, 42
         self.assertIn("| 71.0 ± 1.0", md)
+        self.assertIn("| 41–82 ", md)  # minutes as their range
         line = next(x for x in md.splitlines() if x.startswith("- CBAM on HRNet-W18 branches"))
         self.assertIn("(3 vs 3 seeds)", line)
         self.assertIn("val bbox -3.0 (outside the spread: every seed below)", line)

@@ -184,6 +184,12 @@ def _mean_spread(values):
     return statistics.mean(values), (max(values) - min(values)) / 2
 
 
+def _range(values: List[float], fmt: str) -> str:
+    """min–max (times: records of other days and CPUs differ up to 2x, a mean would hide it)."""
+    low, high = fmt.format(min(values)), fmt.format(max(values))
+    return low if low == high else f"{low}–{high}"
+
+
 def _values(runs: Dict[int, dict]) -> Dict[str, List[float]]:
     """Per metric (METRICS, infer_ms, train_min), its values over the runs."""
     values = {}
@@ -236,7 +242,8 @@ def report(budget: str, rows, seeds, dest: str, runs: str = RUNS) -> str:
                     found[seed] = json.load(f)
         if not found:
             continue
-        stats = {k: _mean_spread(v) for k, v in _values(found).items()}
+        values = _values(found)
+        stats = {k: _mean_spread(v) for k, v in values.items()}
         data[row] = {"seeds": found, "mean_spread": stats}
 
         def fmt(k):
@@ -246,13 +253,18 @@ def report(budget: str, rows, seeds, dest: str, runs: str = RUNS) -> str:
             f"{s}: {r['val']['bbox_AP']:.1f}/{r['hard']['bbox_AP']:.1f}" for s, r in found.items()
         )
         table.append(
-            [ROWS[row][0], len(found), *(fmt(k) for k in METRICS), f"{stats['infer_ms'][0]:.0f}"]
-            + [f"{stats['train_min'][0]:.1f}", per_seed]
+            [ROWS[row][0], len(found), *(fmt(k) for k in METRICS)]
+            + [
+                _range(values["infer_ms"], "{:.0f}"),
+                _range(values["train_min"], "{:.0f}"),
+                per_seed,
+            ]
         )
     headers = ["model", "seeds", *(f"{label} AP" for label in METRICS.values())]
-    headers += ["infer ms/img", "train min", "per seed (val/hard bbox)"]
+    headers += ["infer ms/img (range)", "train min (range)", "per seed (val/hard bbox)"]
     md = tabulate(table, headers=headers, tablefmt="pipe", disable_numparse=True)
     lines = reading(data)
+    os.makedirs(dest, exist_ok=True)
     if lines:
         md += "\n\nEach row against its baseline (difference of the means, AP):\n\n" + "\n".join(
             lines
