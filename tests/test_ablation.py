@@ -75,6 +75,8 @@ class TestAblationReport(unittest.TestCase):
     def test_machine_names_cores_isa_torch_and_commit(self):
         text = ablation.machine()
         self.assertRegex(
-            text, r"^\d+-core .+ \((AVX|DEFAULT|ZVECTOR|NO AVX|VSX|SVE).*\), torch 2\."
+            text,
+            r"^\d+-core .+ \((AVX|DEFAULT|ZVECTOR|NO AVX|VSX|SVE).*, (no )?native bf16\), "
+            r"torch 2\.",
         )
         self.assertRegex(text, r"code ([0-9a-f]{7,}|unknown)")

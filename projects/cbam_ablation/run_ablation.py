@@ -84,18 +84,20 @@ def machine() -> str:
     """Where a record was made: cores, CPU model and ISA, torch, and the code's commit."""
     import torch
 
+    from cbam_hrnet_d2.modeling.precision import native_bf16
+
     model = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             names = re.findall(r"^model name\s*:\s*(.+)$", f.read(), re.M)
         model = names[0].strip() if names else model
-    bf16 = torch.cpu._is_avx512_bf16_supported()
     git = ["git", "-C", REPO]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], **_CAPTURE)
     dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], **_CAPTURE)
     return (
         f"{os.cpu_count()}-core {model} ({torch.backends.cpu.get_cpu_capability()}"
-        f"{', AVX512-BF16' if bf16 else ', no native bf16'}), torch {torch.__version__}, "
+        f"{', native bf16' if native_bf16('cpu') else ', no native bf16'}), "
+        f"torch {torch.__version__}, "
         f"code {commit.stdout.strip() or 'unknown'}{'+changes' if dirty.stdout.strip() else ''}"
     )
 
@@ -176,8 +178,12 @@ def run_one(budget: str, row: str, seed: int, out: str) -> dict:
     return record
 
 
-METRICS = {"val_bbox_AP": "val bbox", "val_segm_AP": "val segm"}
-METRICS.update({"hard_bbox_AP": "hard bbox", "hard_segm_AP": "hard segm"})
+METRICS = {
+    "val_bbox_AP": "val bbox",
+    "val_segm_AP": "val segm",
+    "hard_bbox_AP": "hard bbox",
+    "hard_segm_AP": "hard segm",
+}
 
 
 def _mean_spread(values):
@@ -201,18 +207,17 @@ def _values(runs: Dict[int, dict]) -> Dict[str, List[float]]:
     return values
 
 
-def reading(data: Dict[str, dict]) -> List[str]:
+def reading(values: Dict[str, Dict[str, List[float]]]) -> List[str]:
     """One line per row against its baseline (BASELINES, else BASELINE): the difference of the
     means per metric and whether it lies outside the seed spread (every seed of one row above, or
     below, every seed of the other)."""
     lines = []
-    for row, d in data.items():
+    for row, a_all in values.items():
         base_row = BASELINES.get(row, BASELINE)
-        base = data.get(base_row)
-        if row == base_row or base is None:
+        b_all = values.get(base_row)
+        if row == base_row or b_all is None:
             continue
-        n, nb = len(d["seeds"]), len(base["seeds"])
-        a_all, b_all = _values(d["seeds"]), _values(base["seeds"])
+        n, nb = len(a_all["val_bbox_AP"]), len(b_all["val_bbox_AP"])
         parts = []
         for key, label in METRICS.items():
             a, b = a_all[key], b_all[key]
@@ -231,18 +236,19 @@ def reading(data: Dict[str, dict]) -> List[str]:
 
 
 def report(budget: str, rows, seeds, dest: str, runs: str = RUNS) -> str:
-    """results_BUDGET.md / .json from the committed records; returns the Markdown (the table and,
-    the reading of each row against its baseline, where that has records)."""
-    table, data = [], {}
+    """results_BUDGET.md / .json from the committed records; returns the Markdown: the table and
+    the reading of each row against its baseline, where that has records."""
+    table, data, values_of = [], {}, {}
     for row in rows:
         found = {}
         for seed in seeds:
-            if os.path.exists(record_path(budget, row, seed, runs)):
-                with open(record_path(budget, row, seed, runs)) as f:
+            path = record_path(budget, row, seed, runs)
+            if os.path.exists(path):
+                with open(path) as f:
                     found[seed] = json.load(f)
         if not found:
             continue
-        values = _values(found)
+        values = values_of[row] = _values(found)
         stats = {k: _mean_spread(v) for k, v in values.items()}
         data[row] = {"seeds": found, "mean_spread": stats}
 
@@ -263,7 +269,7 @@ def report(budget: str, rows, seeds, dest: str, runs: str = RUNS) -> str:
     headers = ["model", "seeds", *(f"{label} AP" for label in METRICS.values())]
     headers += ["infer ms/img (range)", "train min (range)", "per seed (val/hard bbox)"]
     md = tabulate(table, headers=headers, tablefmt="pipe", disable_numparse=True)
-    lines = reading(data)
+    lines = reading(values_of)
     os.makedirs(dest, exist_ok=True)
     if lines:
         md += "\n\nEach row against its baseline (difference of the means, AP):\n\n" + "\n".join(
