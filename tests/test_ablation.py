@@ -11,8 +11,8 @@ from .common import load_script
 ablation = load_script(os.path.join("projects", "cbam_ablation", "run_ablation.py"))
 
 
-def write_record(runs, row, seed, val_bbox, hard_bbox):
-    record = {
+def write_record(runs, row, seed, val_bbox, hard_bbox, **extra):
+    record = {**extra,
         "val": {"bbox_AP": val_bbox, "segm_AP": val_bbox - 1},
         "hard": {"bbox_AP": hard_bbox, "segm_AP": hard_bbox - 1},
         "infer_ms": 100.0,
@@ -71,6 +71,17 @@ class TestAblationReport(unittest.TestCase):
         write_record(self.runs, "no_cbam", 7, 10, 3)
         _, data = self.report(["no_cbam"], seeds=(42,))
         self.assertEqual(data["no_cbam"]["mean_spread"]["val_bbox_AP"], [70, 0])
+
+    def test_a_run_on_a_shared_cpu_counts_for_ap_not_for_minutes(self):
+        write_record(self.runs, "no_cbam", 42, 70, 30, shared_cpu=True)  # 82 min, left out
+        write_record(self.runs, "no_cbam", 1, 72, 32)
+        write_record(self.runs, "cbam_branches", 42, 71, 31, shared_cpu=True)
+        md, data = self.report(["no_cbam", "cbam_branches"], seeds=(42, 1))
+        self.assertEqual(data["no_cbam"]["mean_spread"]["val_bbox_AP"], [71, 1])
+        self.assertEqual(data["no_cbam"]["mean_spread"]["train_min"], [41, 0])
+        self.assertNotIn("train_min", data["cbam_branches"]["mean_spread"])
+        self.assertIn("| 41 (1 on a shared CPU left out) ", md)
+        self.assertIn("| shared CPU ", md)
 
     def test_machine_names_cores_isa_torch_and_commit(self):
         text = ablation.machine()

@@ -197,14 +197,24 @@ def _range(values: List[float], fmt: str) -> str:
 
 
 def _values(runs: Dict[int, dict]) -> Dict[str, List[float]]:
-    """Per metric (METRICS, infer_ms, train_min), its values over the runs."""
+    """Per metric (METRICS, infer_ms, train_min), its values over the runs; the times leave out
+    a run whose record says ``"shared_cpu": true`` (it ran beside other work: its AP counts, its
+    minutes do not)."""
     values = {}
     for key in METRICS:
         split, ap = key.split("_", 1)
         values[key] = [r[split][ap] for r in runs.values()]
     for key in ("infer_ms", "train_min"):
-        values[key] = [r[key] for r in runs.values()]
+        values[key] = [r[key] for r in runs.values() if not r.get("shared_cpu")]
     return values
+
+
+def _time_range(values: List[float], n_runs: int, fmt: str) -> str:
+    """_range of the times of the runs that had the CPU alone, naming how many were left out."""
+    shared = n_runs - len(values)
+    if not values:
+        return "shared CPU"
+    return _range(values, fmt) + (f" ({shared} on a shared CPU left out)" if shared else "")
 
 
 def reading(values: Dict[str, Dict[str, List[float]]]) -> List[str]:
@@ -249,7 +259,7 @@ def report(budget: str, rows, seeds, dest: str, runs: str = RUNS) -> str:
         if not found:
             continue
         values = values_of[row] = _values(found)
-        stats = {k: _mean_spread(v) for k, v in values.items()}
+        stats = {k: _mean_spread(v) for k, v in values.items() if v}
         data[row] = {"seeds": found, "mean_spread": stats}
 
         def fmt(k):
@@ -261,8 +271,8 @@ def report(budget: str, rows, seeds, dest: str, runs: str = RUNS) -> str:
         table.append(
             [ROWS[row][0], len(found), *(fmt(k) for k in METRICS)]
             + [
-                _range(values["infer_ms"], "{:.0f}"),
-                _range(values["train_min"], "{:.0f}"),
+                _time_range(values["infer_ms"], len(found), "{:.0f}"),
+                _time_range(values["train_min"], len(found), "{:.0f}"),
                 per_seed,
             ]
         )
