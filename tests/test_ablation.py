@@ -12,7 +12,8 @@ ablation = load_script(os.path.join("projects", "cbam_ablation", "run_ablation.p
 
 
 def write_record(runs, row, seed, val_bbox, hard_bbox, **extra):
-    record = {**extra,
+    record = {
+        **extra,
         "val": {"bbox_AP": val_bbox, "segm_AP": val_bbox - 1},
         "hard": {"bbox_AP": hard_bbox, "segm_AP": hard_bbox - 1},
         "infer_ms": 100.0,
