@@ -8,9 +8,11 @@ tools/lazyconfig_train_net.py:
     python lazy_train_net.py --config-file ... --eval-only train.init_checkpoint=output/x.pth
     python lazy_train_net.py --config-file ... train.max_iter=100 optimizer.lr=0.001
 
-As train_net.py: without CUDA it runs on the CPU (``--num-gpus N`` starts N CPU processes), saves
-with the safe atomic checkpointer, writes results.json / ap_tables.md, stops on SIGTERM/SIGINT with
-a checkpoint, and resumes exactly with ``train.exact_resume=True``.
+As train_net.py, with the same hooks (cbam_hrnet_d2.engine.hooks.build_training_hooks): without
+CUDA it runs on the CPU (``--num-gpus N`` starts N CPU processes), one run per output folder, saves
+with the safe atomic checkpointer, skips and counts bad images, logs RSS, writes results.json /
+ap_tables.md, stops on SIGTERM/SIGINT with a checkpoint, and resumes exactly with
+``train.exact_resume=True``.
 """
 
 import logging
@@ -23,14 +25,13 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
-from cbam_hrnet_d2.cpu import apply_cpu_speedups
-from cbam_hrnet_d2.cpu.process import create_ddp_model, set_cpu_threads
+from cbam_hrnet_d2.cpu.process import set_cpu_threads
 from cbam_hrnet_d2.engine import launch_run
 from cbam_hrnet_d2.engine.amp import trainer_class
-from cbam_hrnet_d2.engine.hooks import MemoryMonitor
-from cbam_hrnet_d2.engine.preemption import Preemption
+from cbam_hrnet_d2.engine.hooks import build_training_hooks
 from cbam_hrnet_d2.engine.results import write_results
-from cbam_hrnet_d2.engine.resume import ExactResume, ResumableLoader
+from cbam_hrnet_d2.engine.resume import ResumableLoader
+from cbam_hrnet_d2.engine.trainer import ddp_model
 
 logger = logging.getLogger("cbam_hrnet_d2")
 
@@ -48,11 +49,9 @@ def do_test(cfg, model):
 
 
 def build_model(cfg):
-    """``cfg.model`` on ``cfg.train.device``; on the CPU with the CPU speed layer
-    (``train.cpu_speedups``, cbam_hrnet_d2/cpu)."""
-    model = instantiate(cfg.model)
-    model.to(cfg.train.device)
-    return apply_cpu_speedups(model, cfg)
+    """``cfg.model`` on ``cfg.train.device``: the model ``build_model`` gives for the YAML configs
+    (configs/lazy: ``model.device`` follows ``train.device``, so a CPU model has the CPU layer)."""
+    return instantiate(cfg.model).to(cfg.train.device)
 
 
 def do_train(args, cfg):
@@ -61,7 +60,7 @@ def do_train(args, cfg):
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     loader = ResumableLoader(instantiate(cfg.dataloader.train))
-    model = create_ddp_model(model, **cfg.train.ddp)
+    model = ddp_model(model, **cfg.train.ddp)
     # train.amp.enabled on the CPU: bf16 autocast steps (detectron2's AMPTrainer is CUDA-only)
     amp = cfg.train.amp
     trainer = trainer_class(amp.enabled, cfg.train.device, amp.get("precision", "auto"))(
@@ -71,32 +70,20 @@ def do_train(args, cfg):
     checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.checkpointer = checkpointer  # the Preemption hook saves through it
     trainer.register_hooks(
-        [
-            ExactResume(
-                loader,
-                enabled=cfg.train.get("exact_resume", False),
-                seed=cfg.train.get("seed", -1),
-                checkpoint_period=cfg.train.checkpointer.period,
-            ),
-            hooks.IterationTimer(),
-            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            (
-                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
-                if comm.is_main_process()
-                else None
-            ),
-            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
-            MemoryMonitor(),
-            (
-                hooks.PeriodicWriter(
-                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                    period=cfg.train.log_period,
-                )
-                if comm.is_main_process()
-                else None
-            ),
-            Preemption(),
-        ]
+        build_training_hooks(
+            checkpointer=checkpointer,
+            loader=loader,
+            lr_scheduler=hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            eval_period=cfg.train.eval_period,
+            eval_function=lambda: do_test(cfg, model),
+            writers=default_writers(cfg.train.output_dir, cfg.train.max_iter),
+            output_dir=cfg.train.output_dir,
+            seed=cfg.train.get("seed", -1),
+            exact_resume=cfg.train.get("exact_resume", False),
+            checkpoint_period=cfg.train.checkpointer.period,
+            max_to_keep=cfg.train.checkpointer.get("max_to_keep"),
+            log_period=cfg.train.log_period,
+        )
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
@@ -118,7 +105,7 @@ def main(args):
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="cbam_hrnet_d2")
     set_cpu_threads(cfg.train.device)
     if args.eval_only:
-        model = create_ddp_model(build_model(cfg))
+        model = ddp_model(build_model(cfg))
         SafeCheckpointer(model).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     do_train(args, cfg)  # detectron2's EvalHook evaluates after the last iteration

@@ -1,14 +1,23 @@
-"""Config keys of this project (:func:`add_cbam_hrnet_config`), loading a config file with them, and
+"""Config keys of this project (:func:`add_cbam_hrnet_config`), loading a config file with them,
+detectron2's own shipped configs found without ``pkg_resources`` (:func:`detectron2_config`), and
 the check of a recipe that would train frozen norms from random init."""
 
 import logging
+import os
 from typing import Sequence
 
+import detectron2
 import torch
 from detectron2.config import CfgNode as CN
-from detectron2.config import get_cfg
+from detectron2.config import LazyConfig, get_cfg
 
-__all__ = ["add_cbam_hrnet_config", "load_config", "warn_if_frozen_norms_start_random"]
+__all__ = [
+    "add_cbam_hrnet_config",
+    "load_config",
+    "detectron2_config_file",
+    "detectron2_config",
+    "warn_if_frozen_norms_start_random",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +81,7 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # (detectron2's StandardROIHeads).
     _C.MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE = 0
 
-    # Training augmentation for harder images than the data hold (cbam_hrnet_d2/augment.py):
+    # Training augmentation for harder images than the data hold (cbam_hrnet_d2/data/augment.py):
     # stretch, occlusion (cuts instance masks: INPUT.MASK_FORMAT "bitmask"), texture, low contrast,
     # blur, sensor noise, JPEG.
     _C.INPUT.HARD_AUG = CN()
@@ -116,6 +125,32 @@ def load_config(config_file: str, opts: Sequence[str] = ()):
     cfg.merge_from_list(list(opts))
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def detectron2_config_file(path: str) -> str:
+    """The file of a config that ships with detectron2 (``path`` relative to its model zoo's
+    ``configs/``, e.g. "common/models/mask_rcnn_fpn.py"), found next to the installed package.
+    detectron2's ``model_zoo.get_config_file`` asks ``pkg_resources``, which setuptools 81 and
+    newer no longer ship: this works in any environment."""
+    file = os.path.join(os.path.dirname(detectron2.__file__), "model_zoo", "configs", path)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"{path!r} is not one of detectron2's shipped configs (looked for {file}); the "
+            "detectron2 installed here may be older or installed without its model zoo configs"
+        )
+    return file
+
+
+def detectron2_config(path: str):
+    """A config shipped with detectron2 (:func:`detectron2_config_file`): a LazyConfig for a .py
+    file, a ``CfgNode`` for a .yaml one; ``model_zoo.get_config(path)`` without
+    ``pkg_resources``."""
+    file = detectron2_config_file(path)
+    if file.endswith(".py"):
+        return LazyConfig.load(file)
+    cfg = get_cfg()
+    cfg.merge_from_file(file)
     return cfg
 
 

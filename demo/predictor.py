@@ -16,7 +16,6 @@ from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, VisImage, Visualizer
 
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
-from cbam_hrnet_d2.cpu import apply_cpu_speedups
 from cbam_hrnet_d2.modeling.cbam import record_attention
 
 logger = logging.getLogger(__name__)
@@ -29,8 +28,8 @@ class LazyPredictor(DefaultPredictor):
     it reads MODEL.DEVICE only."""
 
     def __init__(self, cfg):
+        # the model of the YAML door: model.device follows train.device (configs/lazy)
         self.model = instantiate(cfg.model).to(cfg.train.device).eval()
-        apply_cpu_speedups(self.model, cfg)  # a CPU model only
         SafeCheckpointer(self.model).load(cfg.train.init_checkpoint)
         resizes = [
             a
@@ -68,8 +67,7 @@ class VisualizationDemo:
         self.cpu_device = torch.device("cpu")
         self.instance_mode = instance_mode
         if isinstance(cfg, CfgNode):
-            self.predictor = DefaultPredictor(cfg)
-            apply_cpu_speedups(self.predictor.model, cfg)  # a CPU model only
+            self.predictor = DefaultPredictor(cfg)  # a CPU model has the CPU layer (meta_arch)
         else:
             self.predictor = LazyPredictor(cfg)
         self.strides = {}

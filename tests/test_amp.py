@@ -14,10 +14,10 @@ from detectron2.utils.events import EventStorage
 from cbam_hrnet_d2.engine.amp import (
     CPUAMPTrainer,
     ResumableAMPTrainer,
-    amp_trainer,
+    build_step_trainer,
     trainer_class,
 )
-from cbam_hrnet_d2.utils.testing import synthetic_batch
+from cbam_hrnet_d2.testing import synthetic_batch
 
 from .common import get_config
 from .test_training import CONFIG
@@ -31,8 +31,9 @@ class TestCPUAMP(unittest.TestCase):
         seen = []
         model.backbone.fpn_output2.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-        base = SimpleTrainer(model, itertools.repeat(synthetic_batch(2, 128, 160, 2)), opt)
-        trainer = amp_trainer(cfg, base)
+        trainer = build_step_trainer(
+            cfg, model, itertools.repeat(synthetic_batch(2, 128, 160, 2)), opt
+        )
         self.assertIsInstance(trainer, CPUAMPTrainer)
         self.assertIs(trainer.model, model)
         before = model.roi_heads.box_predictor.cls_score.weight.detach().clone()
@@ -46,9 +47,10 @@ class TestCPUAMP(unittest.TestCase):
         after = model.roi_heads.box_predictor.cls_score.weight
         self.assertFalse(torch.equal(before, after))
 
-    def test_without_the_key_the_trainer_is_kept(self):
-        base = SimpleTrainer(torch.nn.Linear(1, 1), [], torch.optim.SGD([torch.zeros(1)], lr=0.1))
-        self.assertIs(amp_trainer(get_config(CONFIG), base), base)
+    def test_without_the_key_the_trainer_is_detectron2s_simple_trainer(self):
+        model = torch.nn.Linear(1, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        self.assertIs(type(build_step_trainer(get_config(CONFIG), model, [], opt)), SimpleTrainer)
 
     def test_trainer_class_follows_amp_the_device_and_the_precision(self):
         self.assertIs(trainer_class(False, "cpu"), SimpleTrainer)
@@ -91,14 +93,30 @@ class TestCPUAMP(unittest.TestCase):
         self.assertIn("grad_scaler", with_scaler)
         amp.load_state_dict(with_scaler)  # and its own checkpoints as detectron2 does
 
-    def test_amp_on_a_cpu_that_emulates_bf16_warns_with_the_key(self):
-        from cbam_hrnet_d2.modeling import precision
+    def test_fp16_and_bf16_amp_resume_each_others_checkpoints(self):
+        # a disabled scaler (bf16) saves {}, which GradScaler.load_state_dict rejects
+        model = torch.nn.Linear(1, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        bf16 = trainer_class(True, "cuda", "bf16")(model, [], opt)
+        fp16 = trainer_class(True, "cuda", "fp16")(model, [], opt)
+        bf16.iter = fp16.iter = 3
+        from_bf16, from_fp16 = bf16.state_dict(), fp16.state_dict()
+        self.assertEqual(from_bf16["grad_scaler"], {})
+        with self.assertLogs("cbam_hrnet_d2.engine.amp", "WARNING") as logs:
+            fp16.load_state_dict(from_bf16)
+        self.assertIn("an empty one", logs.output[0])
+        bf16.load_state_dict(from_fp16)  # a bf16 run has no scaler to load into
+        self.assertEqual(bf16.state_dict()["grad_scaler"], {})
 
-        base = SimpleTrainer(torch.nn.Linear(1, 1), [], torch.optim.SGD([torch.zeros(1)], lr=0.1))
+    def test_amp_on_a_cpu_that_emulates_bf16_warns_with_the_key(self):
+        from cbam_hrnet_d2 import device
+
+        model = torch.nn.Linear(1, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
         cfg = get_config(CONFIG, ["SOLVER.AMP.ENABLED", True])
-        with mock.patch.object(precision, "native_bf16", lambda device: False):
-            with self.assertLogs("cbam_hrnet_d2.modeling.precision", "WARNING") as logs:
-                self.assertIsInstance(amp_trainer(cfg, base), CPUAMPTrainer)
+        with mock.patch.object(device, "native_bf16", lambda device: False):
+            with self.assertLogs("cbam_hrnet_d2.device", "WARNING") as logs:
+                self.assertIsInstance(build_step_trainer(cfg, model, [], opt), CPUAMPTrainer)
                 self.assertIs(trainer_class(True, "cpu"), CPUAMPTrainer)
         self.assertEqual(len(logs.output), 2)
         self.assertIn("SOLVER.AMP.ENABLED", logs.output[0])

@@ -7,7 +7,7 @@ from torch import nn
 
 from cbam_hrnet_d2 import CBAM, CBAMFPN
 from cbam_hrnet_d2.modeling.hrnet import HRNET_FEATURES, HRNET_STAGES, hrnet_branch_channels
-from cbam_hrnet_d2.utils.testing import calibrate_norm_statistics
+from cbam_hrnet_d2.testing import calibrate_norm_statistics
 
 from .common import get_config
 

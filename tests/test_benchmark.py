@@ -11,8 +11,8 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from cbam_hrnet_d2.modeling.precision import native_bf16
-from cbam_hrnet_d2.utils.testing import synthetic_batch
+from cbam_hrnet_d2.device import native_bf16
+from cbam_hrnet_d2.testing import synthetic_batch
 
 from .common import DEFAULT_CONFIG, REPO, load_tool
 

@@ -12,7 +12,7 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 from cbam_hrnet_d2.config import warn_if_frozen_norms_start_random
-from cbam_hrnet_d2.utils.testing import calibrate_norm_statistics
+from cbam_hrnet_d2.testing import calibrate_norm_statistics
 
 from .common import CONFIGS, collect_config_files, get_config
 

@@ -1,8 +1,8 @@
-"""The CPU speed layer (cbam_hrnet_d2/cpu, MODEL.CPU.*): applied to CPU models only, each switch on
-its own, and the model it speeds up gives the plain model's results: SparseROIAlign equals
-torchvision's RoIAlign (forward and gradients), the BN-folded trunk equals the trunk, channels-last
-weights change no output; bf16 heads change nothing under fp32 and stay within bf16 rounding of
-the fp32 heads under bf16."""
+"""The CPU speed layer (cbam_hrnet_d2/cpu, MODEL.CPU.*): taken at build time by CPU models only (the
+meta-architecture, whichever door builds it), each switch on its own, and the model it speeds up
+gives the plain model's results: SparseROIAlign equals torchvision's RoIAlign (forward and
+gradients), the BN-folded trunk equals the trunk, channels-last weights change no output; bf16 heads
+change nothing under fp32 and stay within bf16 rounding of the fp32 heads under bf16."""
 
 import copy
 import itertools
@@ -11,19 +11,27 @@ import unittest
 
 import torch
 from detectron2.layers import ROIAlign
-from detectron2.modeling import build_model
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from torchvision.ops import roi_align
 
-from cbam_hrnet_d2.cpu import apply_cpu_speedups
+from cbam_hrnet_d2.cpu import CPU_SPEEDUPS, cpu_speedups
 from cbam_hrnet_d2.cpu.bf16_heads import HEADS, heads_dtype
 from cbam_hrnet_d2.cpu.fold_bn import FoldedTrunk, conv_bn_pairs
 from cbam_hrnet_d2.cpu.process import keep_large_allocations_in_heap
 from cbam_hrnet_d2.cpu.roi_align import SparseROIAlign, use_sparse_roi_align
-from cbam_hrnet_d2.utils.testing import calibrate_norm_statistics
+from cbam_hrnet_d2.testing import calibrate_norm_statistics
 
 from .common import CONFIGS, get_config, load_tool
 
 H, W = 160, 224
+
+
+def build_for(cfg, device):
+    """The model the config's meta-architecture builds for ``device``, left on the CPU (detectron2's
+    ``build_model`` would then move it to ``device``)."""
+    cfg = cfg.clone()
+    cfg.MODEL.DEVICE = device
+    return META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
 
 
 def build_pair(opts=()):
@@ -31,9 +39,10 @@ def build_pair(opts=()):
     eval mode; fp32 unless ``opts`` set TEST.PRECISION (bf16 heads: :class:`TestBf16Heads`)."""
     torch.manual_seed(0)
     cfg = get_config(opts=["TEST.PRECISION", "fp32", *opts])
-    plain = build_model(cfg)
+    plain = build_for(cfg, "cuda")
     calibrate_norm_statistics(plain.backbone, torch.rand(1, 3, H, W) * 2 - 1)
-    fast = apply_cpu_speedups(copy.deepcopy(plain), cfg)
+    switches = {name: cfg.MODEL.CPU[name.upper()] for name in CPU_SPEEDUPS}
+    fast = cpu_speedups(copy.deepcopy(plain), **switches)
     return plain.eval(), fast.eval()
 
 
@@ -49,18 +58,25 @@ def assert_close(test, a, b, tol=5e-4):
     test.assertLessEqual(((a - b).abs().max() / scale).item(), tol)
 
 
-class TestTheLayerIsAppliedWhereTheDeviceIsTheCPU(unittest.TestCase):
-    def test_a_model_for_cuda_is_left_as_detectron2_builds_it(self):
-        cfg = get_config(device="cpu")
-        model = build_model(cfg)
-        cfg.MODEL.DEVICE = "cuda"  # the config of a GPU run; the model object itself is the same
-        before = {k: (v.stride(), v.data_ptr()) for k, v in model.state_dict().items()}
-        self.assertIs(apply_cpu_speedups(model, cfg), model)
-        self.assertEqual(
-            before, {k: (v.stride(), v.data_ptr()) for k, v in model.state_dict().items()}
-        )
-        self.assertFalse(any(isinstance(m, SparseROIAlign) for m in model.modules()))
-        self.assertIsNone(model.backbone.bottom_up.eval_trunk)
+def layer_state(model):
+    """What of the CPU layer ``model`` has."""
+    return {
+        "channels_last": model.backbone.bottom_up.trunk.conv1.weight.is_contiguous(
+            memory_format=torch.channels_last
+        ),
+        "sparse_roi_align": any(isinstance(m, SparseROIAlign) for m in model.modules()),
+        "fold_bn": model.backbone.bottom_up.eval_trunk is not None,
+        "bf16_heads": bool(model.roi_heads.box_head._forward_pre_hooks),
+    }
+
+
+class TestTheLayerIsTakenWhereTheDeviceIsTheCPU(unittest.TestCase):
+    def test_a_model_for_cuda_is_detectron2s_as_it_builds_it(self):
+        cfg = get_config(opts=["TEST.PRECISION", "bf16"])
+        model = build_for(cfg, "cuda")
+        self.assertEqual(model.cpu_layer, {})
+        self.assertFalse(any(layer_state(model).values()))
+        self.assertEqual(build_model(cfg).cpu_layer, dict.fromkeys(layer_state(model), True))
 
     def test_a_lazyconfig_model_gets_the_layer_on_the_cpu_only(self):
         from detectron2.config import LazyConfig, instantiate
@@ -68,26 +84,30 @@ class TestTheLayerIsAppliedWhereTheDeviceIsTheCPU(unittest.TestCase):
         cfg = LazyConfig.load(os.path.join(CONFIGS, "lazy", "mask_rcnn_cbam_hrnet_w18_fpn.py"))
         for device, on in (("cpu", True), ("cuda", False)):
             with self.subTest(device=device):
-                cfg.train.device = device
-                model = apply_cpu_speedups(instantiate(cfg.model), cfg)
-                sparse = any(isinstance(m, SparseROIAlign) for m in model.modules())
-                self.assertEqual(sparse, on)
-                self.assertEqual(model.backbone.bottom_up.eval_trunk is not None, on)
+                cfg.train.device = device  # model.device follows it
+                model = instantiate(cfg.model)
+                state = layer_state(model)
+                self.assertEqual(state["sparse_roi_align"], on)
+                self.assertEqual(state["fold_bn"], on)
+                self.assertEqual(state["channels_last"], on)
 
     def test_each_switch_turns_its_speedup_off_alone(self):
         for key in ("CHANNELS_LAST", "SPARSE_ROI_ALIGN", "FOLD_BN", "BF16_HEADS"):
             with self.subTest(key=key):
                 cfg = get_config(opts=[f"MODEL.CPU.{key}", False, "TEST.PRECISION", "bf16"])
-                model = apply_cpu_speedups(build_model(cfg), cfg)
-                on = {
-                    "CHANNELS_LAST": model.backbone.bottom_up.trunk.conv1.weight.is_contiguous(
-                        memory_format=torch.channels_last
-                    ),
-                    "SPARSE_ROI_ALIGN": any(isinstance(m, SparseROIAlign) for m in model.modules()),
-                    "FOLD_BN": model.backbone.bottom_up.eval_trunk is not None,
-                    "BF16_HEADS": bool(model.roi_heads.box_head._forward_pre_hooks),
-                }
-                self.assertEqual({k: v for k, v in on.items() if not v}, {key: False})
+                model = build_model(cfg)
+                on = layer_state(model)
+                self.assertEqual({k: v for k, v in on.items() if not v}, {key.lower(): False})
+                self.assertFalse(model.cpu_layer[key.lower()])
+
+    def test_an_unknown_switch_is_named_with_the_allowed_ones(self):
+        from cbam_hrnet_d2.modeling import GeneralizedRCNNWithCPULayer
+
+        cfg = get_config()
+        kwargs = GeneralizedRCNNWithCPULayer.from_config(cfg)
+        kwargs["cpu_speedups"] = {"fold_bn": True, "fuse_relu": True}
+        with self.assertRaisesRegex(ValueError, r"\['fuse_relu'\].*'channels_last'"):
+            GeneralizedRCNNWithCPULayer(**kwargs)
 
 
 def random_rois(n_images, h, w, scale, count, generator):

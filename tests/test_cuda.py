@@ -21,7 +21,7 @@ from detectron2.utils.events import EventStorage
 
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
 from cbam_hrnet_d2.engine.amp import trainer_class
-from cbam_hrnet_d2.utils.testing import calibrate_norm_statistics, synthetic_batch
+from cbam_hrnet_d2.testing import calibrate_norm_statistics, synthetic_batch
 
 from .common import REPO, SHAPES_CONFIG, get_config, requires_cuda
 from .test_preemption import PreemptionCase, final_weights
@@ -43,6 +43,24 @@ class TestModelOnCuda(unittest.TestCase):
     def setUp(self):
         # TF32 would round convolutions to 10 mantissa bits: compare in full fp32
         self.enterContext(_no_tf32())
+
+    def test_every_door_builds_the_cuda_model_without_the_cpu_layer(self):
+        from detectron2.engine import DefaultPredictor
+
+        from cbam_hrnet_d2.cpu import SparseROIAlign
+
+        cfg = get_config(device="cuda")
+        for door, model in (
+            ("build_model", build_model(cfg)),
+            ("DefaultPredictor", DefaultPredictor(cfg).model),
+        ):
+            with self.subTest(door=door):
+                self.assertEqual(model.cpu_layer, {})
+                self.assertFalse(any(isinstance(m, SparseROIAlign) for m in model.modules()))
+                self.assertIsNone(model.backbone.bottom_up.eval_trunk)
+                self.assertFalse(model.roi_heads.box_head._forward_pre_hooks)
+                weight = model.backbone.bottom_up.trunk.conv1.weight
+                self.assertTrue(weight.is_contiguous())  # NCHW, detectron2's layout
 
     def test_build_and_forward_on_the_gpu_equal_the_cpu_model(self):
         torch.manual_seed(0)

@@ -111,16 +111,21 @@ class _Trainer:
 
 class TestStopAgreement(unittest.TestCase):
     def test_one_answer_per_iteration_from_one_process(self):
-        trainer = _Trainer()
-        with (
-            mock.patch.object(preemption, "_received", None),
-            mock.patch.object(preemption, "_agreed", None),
-        ):
-            self.assertFalse(preemption.stop_requested(trainer))
-            preemption._received = 15
-            self.assertFalse(preemption.stop_requested(trainer))  # kept for the iteration
-            trainer.iter = 1
-            self.assertTrue(preemption.stop_requested(trainer))
+        hook = preemption.Preemption()
+        hook.trainer = _Trainer()
+        self.assertFalse(hook.stop_requested())
+        hook._on_signal(15, None)
+        self.assertEqual(hook.received, 15)
+        self.assertFalse(hook.stop_requested())  # kept for the iteration
+        hook.trainer.iter = 1
+        self.assertTrue(hook.stop_requested())
+
+    def test_each_hook_owns_its_state(self):
+        a, b = preemption.Preemption(), preemption.Preemption()
+        a.trainer = b.trainer = _Trainer()
+        a._on_signal(15, None)
+        self.assertTrue(a.stop_requested())
+        self.assertFalse(b.stop_requested())
 
 
 class TestRNGStates(unittest.TestCase):

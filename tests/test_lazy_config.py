@@ -20,6 +20,7 @@ from cbam_hrnet_d2.data import generate_shapes
 from cbam_hrnet_d2.engine.optimizer import build_optimizer
 
 from .common import CONFIGS, REPO, get_config
+from .test_real_world_data import truncate
 
 LAZY = os.path.join(CONFIGS, "lazy")
 W18_LAZY = os.path.join(LAZY, "mask_rcnn_cbam_hrnet_w18_fpn.py")
@@ -31,7 +32,9 @@ PAIRS = (
 
 
 def lazy_model(path, overrides=()):
+    """The model lazy_train_net.py builds on a machine without CUDA (``train.device`` "cpu")."""
     cfg = LazyConfig.apply_overrides(LazyConfig.load(path), list(overrides))
+    cfg.train.device = "cpu"
     return instantiate(cfg.model).eval()
 
 
@@ -52,6 +55,46 @@ class TestLazyConfigs(unittest.TestCase):
                 # detectron2's heads; the shapes recipe caps the mask head's positives as its YAML
                 want = "CappedMaskROIHeads" if "shapes" in path else "StandardROIHeads"
                 self.assertEqual(type(model.roi_heads).__name__, want)
+
+    def test_both_load_and_build_where_pkg_resources_is_absent(self):
+        # setuptools 81+ ships no pkg_resources, which detectron2's model_zoo.get_config needs
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "pkg_resources.py"), "w") as f:
+                f.write("raise ModuleNotFoundError(\"No module named 'pkg_resources'\")\n")
+            code = (
+                "import sys\n"
+                "from detectron2.config import LazyConfig, instantiate\n"
+                "for path in sys.argv[1:]:\n"
+                "    cfg = LazyConfig.load(path)\n"
+                "    cfg.train.device = 'cpu'\n"
+                "    mapper = cfg.dataloader.train.mapper._target_\n"
+                "    print(type(instantiate(cfg.model)).__name__, mapper)\n"
+                "import pkg_resources\n"
+            )
+            env = dict(os.environ, PYTHONPATH=d, PYTHONWARNINGS="ignore")
+            proc = subprocess.run(
+                [sys.executable, "-c", code, *(p for p, _ in PAIRS)],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+        lines = proc.stdout.splitlines()
+        self.assertEqual(len(lines), 2, proc.stdout + proc.stderr[-3000:])
+        for line in lines:
+            self.assertIn("GeneralizedRCNNWithCPULayer", line)
+            self.assertIn("RobustDatasetMapper", line)
+        self.assertIn("No module named 'pkg_resources'", proc.stderr)  # it really was absent
+
+    def test_the_coco_config_trains_through_the_robust_mapper_into_the_output_dir(self):
+        cfg = LazyConfig.load(W18_LAZY)
+        cfg.train.output_dir = "/tmp/run"
+        cfg.dataloader.train.dataset.names = "my_train"
+        mapper = instantiate(cfg.dataloader.train.mapper)
+        self.assertEqual(type(mapper).__name__, "RobustDatasetMapper")
+        self.assertTrue(mapper.skip_bad_images)
+        self.assertEqual(mapper.bad_images_file, "/tmp/run/bad_images.tsv")
+        self.assertEqual(mapper.dataset_names, ["my_train"])
+        test_mapper = instantiate(cfg.dataloader.test.mapper)
+        self.assertEqual(type(test_mapper).__name__, "RobustDatasetMapper")
+        self.assertFalse(test_mapper.skip_bad_images)  # evaluation stops on a bad image
 
     def test_lazy_and_yaml_models_have_equal_parameters_and_state_dict_keys(self):
         for lazy_path, yaml_path in PAIRS:
@@ -124,9 +167,12 @@ class TestLazyConfigs(unittest.TestCase):
 class TestLazyTrainNet(unittest.TestCase):
     def test_trains_two_iterations_on_shapes_with_cpu_amp_and_prints_bbox_and_segm_ap(self):
         with tempfile.TemporaryDirectory() as d:
-            # tiny sets in the place of shapes_train / shapes_val ($DETECTRON2_DATASETS/shapes)
+            # tiny sets in the place of shapes_train / shapes_val ($DETECTRON2_DATASETS/shapes),
+            # one training image truncated: skipped, named and counted as train_net.py does
             generate_shapes(os.path.join(d, "shapes"), "train", 4, seed=11)
             generate_shapes(os.path.join(d, "shapes"), "val", 2, seed=12)
+            bad = os.path.join(d, "shapes", "train", "000001.png")
+            truncate(bad)
             out = os.path.join(d, "out")
             env = dict(os.environ, DETECTRON2_DATASETS=d, PYTHONWARNINGS="ignore")
             cmd = [
@@ -147,6 +193,15 @@ class TestLazyTrainNet(unittest.TestCase):
             with open(os.path.join(out, "results.json")) as f:
                 self.assertEqual(set(json.load(f)["shapes_val"]), {"bbox", "segm"})
             self.assertTrue(os.path.isfile(os.path.join(out, "model_final.pth")))
+            # the shared hooks: the bad image named and counted, RSS logged, the lock released
+            with open(os.path.join(out, "bad_images.tsv")) as f:
+                self.assertEqual({line.split("\t")[1] for line in f}, {bad})
+            with open(os.path.join(out, "metrics.json")) as f:
+                metrics = [json.loads(line) for line in f if line.strip()]
+            self.assertEqual([m["data/bad_images"] for m in metrics if "data/bad_images" in m], [1])
+            self.assertIn("RSS after the first iteration", log)
+            self.assertIn("1 image(s) were skipped as unusable", log)
+            self.assertFalse(os.path.exists(os.path.join(out, "run.lock")))
 
             # the demo takes the .py config too, with key=value overrides
             pictures = os.path.join(d, "pictures")

@@ -14,7 +14,7 @@ from cbam_hrnet_d2.modeling.precision import (
     autocast_dtype,
     native_bf16,
 )
-from cbam_hrnet_d2.utils.testing import calibrate_norm_statistics
+from cbam_hrnet_d2.testing import calibrate_norm_statistics
 
 from .common import get_config
 
@@ -141,14 +141,14 @@ class TestEmulatedBf16(unittest.TestCase):
         self.assertEqual(native_bf16("cpu"), bool(flags & {"avx512_bf16", "amx_bf16"}))
 
     def test_warning_names_the_key_and_the_fix_on_an_emulating_cpu_only(self):
-        from cbam_hrnet_d2.modeling import precision
+        from cbam_hrnet_d2 import device as precision  # the device rules' home
 
         for native, warned in ((False, True), (True, False)):
             with (
                 self.subTest(native=native),
                 mock.patch.object(precision, "native_bf16", lambda device, n=native: n),
             ):
-                with self.assertLogs("cbam_hrnet_d2.modeling.precision", "WARNING") as logs:
+                with self.assertLogs("cbam_hrnet_d2.device", "WARNING") as logs:
                     precision.logger.warning("marker")
                     self.assertEqual(precision.warn_if_emulated_bf16("KEY = 1", "cpu"), warned)
                 text = "\n".join(logs.output[1:])
@@ -160,12 +160,12 @@ class TestEmulatedBf16(unittest.TestCase):
         self.assertFalse(precision.warn_if_emulated_bf16("KEY = 1", "cuda"))
 
     def test_bf16_model_warns_once_at_its_first_eval_call_on_an_emulating_cpu(self):
-        from cbam_hrnet_d2.modeling import precision
+        from cbam_hrnet_d2 import device
 
         model = build("bf16")
         x = torch.rand(1, 3, 64, 96)
-        with mock.patch.object(precision, "native_bf16", lambda device: False):
-            with self.assertLogs("cbam_hrnet_d2.modeling.precision", "WARNING") as logs:
+        with mock.patch.object(device, "native_bf16", lambda device: False):
+            with self.assertLogs("cbam_hrnet_d2.device", "WARNING") as logs:
                 with torch.no_grad():
                     model.backbone(x)
                     model.backbone(x)

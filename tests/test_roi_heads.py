@@ -7,7 +7,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from cbam_hrnet_d2.utils.testing import synthetic_batch
+from cbam_hrnet_d2.testing import synthetic_batch
 
 from .common import get_config
 from .test_training import CONFIG

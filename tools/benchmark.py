@@ -15,18 +15,19 @@ proposes anything from 0 boxes, as R50 does at 800 px, to its full top-k); achie
 trunk as a fraction of the matmul roof of the precision it runs in (fp32 or bf16 4096x4096 matmul,
 best of several, measured in the same run). Writes benchmark.md and benchmark.json.
 
-Precision: each row runs its config's TEST.PRECISION (give "cfg.yaml TEST.PRECISION bf16" for a
-row per precision) and trains under bf16 autocast with "SOLVER.AMP.ENABLED True" (fp32 otherwise).
-Our rows get the CPU speed layer of their config (``MODEL.CPU.*``, cbam_hrnet_d2/cpu), as
-train_net.py applies it on the CPU. detectron2's R50-FPN runs as shipped, and once more with the
-treatment our model gets when the spec is ``R50+cpu_speedups+bf16``: the CPU speed layer and the
-backbone + FPN under bf16 autocast, float32 outputs; ``R50+cpu_speedups`` is the same in fp32 (the
-fair comparison where ours runs fp32). Rows that differ from another only in inference-only keys
-(TEST.*) are not trained again. ``first_calls_s`` is the first call of each timed part together,
-start-up costs included.
+Precision: each row runs its config's TEST.PRECISION (give "cfg.yaml TEST.PRECISION bf16" for a row
+per precision) and trains under bf16 autocast with "SOLVER.AMP.ENABLED True" (fp32 otherwise). Our
+rows get the CPU speed layer of their config (``MODEL.CPU.*``, cbam_hrnet_d2/cpu), as
+``build_model`` builds it on the CPU (``--doors``: also as ``DefaultPredictor`` and the trainer
+build it; ``--lazy-config``: as a LazyConfig's ``instantiate(cfg.model)``). detectron2's R50-FPN
+runs as shipped, and once more with the treatment our model gets when the spec is
+``R50+cpu_speedups+bf16``: the CPU speed layer and the backbone + FPN under bf16 autocast, float32
+outputs; ``R50+cpu_speedups`` is the same in fp32 (the fair comparison where ours runs fp32). Rows
+that differ from another only in inference-only keys (TEST.*) are not trained again.
+``first_calls_s`` is the first call of each timed part together, start-up costs included.
 
 On a CPU without native bf16 (no AVX512-BF16 / AMX) bf16 is emulated, 12-99x slower than fp32
-(matmul, conv; cbam_hrnet_d2/precision.py): the bf16 roof is then a 512x512 matmul (4096x4096
+(matmul, conv; docs/precision.md): the bf16 roof is then a 512x512 matmul (4096x4096
 would take minutes a call) and rows that run bf16 (inference or AMP training) are listed as
 skipped, with the reason, unless --emulated-bf16.
 """
@@ -41,22 +42,25 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from detectron2 import model_zoo
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import DefaultPredictor
 from detectron2.modeling import Backbone, build_model
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.analysis import FlopCountAnalysis
 from detectron2.utils.events import EventStorage
 from tabulate import tabulate
 
-from cbam_hrnet_d2.config import load_config
-from cbam_hrnet_d2.cpu import apply_cpu_speedups, cpu_speedups
+from cbam_hrnet_d2.config import detectron2_config_file, load_config
+from cbam_hrnet_d2.cpu import cpu_speedups
 from cbam_hrnet_d2.cpu.bf16_heads import bf16_heads as run_heads_in_bf16
 from cbam_hrnet_d2.cpu.fold_bn import batchnorm_unfolded
 from cbam_hrnet_d2.cpu.process import keep_large_allocations_in_heap
+from cbam_hrnet_d2.device import native_bf16
+from cbam_hrnet_d2.engine import Trainer
 from cbam_hrnet_d2.export import RUNTIMES, export, load_exported
-from cbam_hrnet_d2.modeling.precision import autocast_dtype, native_bf16, run_autocast
+from cbam_hrnet_d2.modeling.precision import autocast_dtype, run_autocast
+from cbam_hrnet_d2.testing import calibrate_norm_statistics, synthetic_batch
 from cbam_hrnet_d2.utils.memory import peak_rss_mib
-from cbam_hrnet_d2.utils.testing import calibrate_norm_statistics, synthetic_batch
 
 logger = logging.getLogger("cbam_hrnet_d2.benchmark")
 
@@ -77,7 +81,7 @@ REFERENCE = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
 
 def load_cfg(config: str, opts: Sequence[str] = ()):
     """``config`` (a file, or :data:`REFERENCE`) + ``opts`` on the CPU, without weights."""
-    path = model_zoo.get_config_file(config) if config == REFERENCE else config
+    path = detectron2_config_file(config) if config == REFERENCE else config
     cfg = load_config(path, opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
@@ -183,6 +187,27 @@ def matmul_peak_gmacs(n: int = 4096, iters: int = 6, dtype=torch.float32) -> flo
     return n**3 / min(_seconds(lambda: torch.mm(a, b), iters)) / 1e9
 
 
+# the doors through which a detectron2 user builds a model; a LazyConfig (.py) is built by
+# instantiate(cfg.model) on train.device "cpu"
+DOORS = ("build_model", "DefaultPredictor", "DefaultTrainer")
+
+
+def build_through(config: str, opts: Sequence[str] = (), door: str = "build_model"):
+    """``config`` built on the CPU without weights as a detectron2 user would: ``build_model``,
+    ``DefaultPredictor(cfg).model``, ``Trainer.build_model`` (a ``DefaultTrainer`` subclass), or,
+    for a LazyConfig file, ``instantiate(cfg.model).to(cfg.train.device)``."""
+    if config.endswith(".py"):
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(config), list(opts))
+        cfg.train.device = "cpu"
+        return instantiate(cfg.model).to(cfg.train.device)
+    cfg = load_cfg(config, opts)
+    if door == "DefaultPredictor":
+        return DefaultPredictor(cfg).model
+    if door == "DefaultTrainer":
+        return Trainer.build_model(cfg)
+    return build_model(cfg)
+
+
 def _train_worker(
     config: str,
     opts: List[str],
@@ -200,9 +225,7 @@ def _train_worker(
         keep_large_allocations_in_heap()
     torch.manual_seed(0)
     cfg = load_cfg(config, opts)
-    model = build_model(cfg)
-    if config != REFERENCE:
-        apply_cpu_speedups(model, cfg)
+    model = build_model(cfg)  # ours with the CPU speed layer of its config (meta_arch)
     calibrate_norm_statistics(model.backbone, torch.rand(1, 3, h, w) * 2 - 1)
     model.proposal_generator = FixedProposals(
         model.proposal_generator, cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN
@@ -255,20 +278,18 @@ def prepare_inference(
     emulated_bf16: bool = True,
     export_to: str = "",
     runtimes: Sequence[str] = (),
+    door: str = "build_model",
 ):
     """Build ``config`` in eval mode with calibrated norm statistics; count its parameters and
     GMACs. Returns (row, {"backbone_fpn_s" / "trunk_s" / "model_s": callable running that part on
     one image}); the callables are ``{}`` (and ``row["skipped"]`` says why) for a bf16 row on a CPU
     that emulates bf16 unless ``emulated_bf16``. With ``export_to``, also :func:`end_to_end_rows`
-    (exported there) as a third element."""
+    (exported there) as a third element. ``door``: :func:`build_through` which door."""
     torch.manual_seed(0)
     treated = config in TREATED
-    cfg = load_cfg(REFERENCE if treated else config, opts)
-    model = build_model(cfg).eval()
+    model = build_through(REFERENCE if treated else config, opts, door).eval()
     if treated:
         cpu_speedups(model)
-    elif config != REFERENCE:
-        apply_cpu_speedups(model, cfg)
     image = torch.rand(3, h, w) * 255
     x = model.preprocess_image([{"image": image}]).tensor
     # TEST.PRECISION as the backbone applies it (detectron2's own backbones run fp32)
@@ -435,6 +456,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "runtimes (score threshold 0; the same image and model)",
     )
     parser.add_argument(
+        "--doors",
+        action="store_true",
+        help="also time the first config's model as DefaultPredictor and DefaultTrainer build it "
+        "(its own row is build_model's)",
+    )
+    parser.add_argument(
+        "--lazy-config",
+        default="",
+        help="also time this LazyConfig's model (instantiate(cfg.model) on train.device cpu)",
+    )
+    parser.add_argument(
         "--mmap-large-allocations",
         action="store_true",
         help="keep glibc's default of mmap() for large blocks (train_net.py turns it off on CPU)",
@@ -471,6 +503,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 rows[key], timed[key] = row, fns
         else:
             rows[spec], timed[spec] = prepare_inference(config, h, w, opts, args.emulated_bf16)
+        if i == 1:
+            doors = [(d, config) for d in DOORS[1:] if args.doors]
+            doors += [("LazyConfig", args.lazy_config)] if args.lazy_config else []
+            for door, source in doors:
+                key = f"{spec} via {door}" if door != "LazyConfig" else f"{source} via LazyConfig"
+                logger.info("building %s", key)
+                lazy_opts = [] if door == "LazyConfig" else opts
+                rows[key], timed[key] = prepare_inference(
+                    source, h, w, lazy_opts, args.emulated_bf16, door=door
+                )
     for spec, seconds in time_interleaved(timed, args.iters).items():
         rows[spec].update(seconds)
         logger.info("  %s: %s", spec, {k: round(v, 3) for k, v in seconds.items()})

@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 from detectron2.utils.logger import setup_logger
 
-from cbam_hrnet_d2.checkpoint.hrnet_weights import convert_hrnet_weights, summarise_keys
 from cbam_hrnet_d2.modeling.hrnet import HRNET_WIDTHS
+from cbam_hrnet_d2.modeling.hrnet_weights import convert_hrnet_weights, summarise_keys
 
 logger = logging.getLogger("cbam_hrnet_d2.convert_hrnet_weights")
 

@@ -29,7 +29,6 @@ from detectron2.utils.logger import setup_logger
 
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
 from cbam_hrnet_d2.config import load_config
-from cbam_hrnet_d2.cpu import apply_cpu_speedups
 from cbam_hrnet_d2.cpu.process import set_cpu_threads
 from cbam_hrnet_d2.data import check_datasets, register_from_cfg
 from cbam_hrnet_d2.data.build import build_test_loader
@@ -135,7 +134,7 @@ def main(argv=None) -> dict:
     set_cpu_threads(cfg.MODEL.DEVICE)
     register_from_cfg(cfg)
     # eager as users run it on the CPU (the CPU speed layer traces as detectron2's own ops)
-    model = apply_cpu_speedups(build_model(cfg), cfg).eval()
+    model = build_model(cfg).eval()  # a CPU model has the CPU layer (meta_arch)
     SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
 
     if not args.sample_image or args.latency or args.run_eval:

@@ -27,8 +27,8 @@ from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
 from cbam_hrnet_d2.cpu import cpu_speedups
-from cbam_hrnet_d2.engine.amp import AMP_PRECISIONS
-from cbam_hrnet_d2.utils.testing import calibrate_norm_statistics, synthetic_batch
+from cbam_hrnet_d2.device import AMP_PRECISIONS
+from cbam_hrnet_d2.testing import calibrate_norm_statistics, synthetic_batch
 
 logger = logging.getLogger("cbam_hrnet_d2.gpu_timing")
 

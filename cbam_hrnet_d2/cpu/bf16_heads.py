@@ -17,7 +17,7 @@ import torch
 from detectron2.structures import Instances
 from torch import nn
 
-from cbam_hrnet_d2.modeling.precision import is_exporting, native_bf16
+from cbam_hrnet_d2.device import is_exporting, native_bf16
 
 __all__ = ["HEADS", "heads_dtype", "bf16_heads"]
 
@@ -64,7 +64,9 @@ class _AutocastCall:
         if module.training or is_exporting():
             self.active.append(None)
             return
-        ctx = torch.autocast("cpu", dtype=self.dtype)
+        # the device type of the head's weights: a model moved to CUDA autocasts there
+        param = next(module.parameters(), None)
+        ctx = torch.autocast(param.device.type if param is not None else "cpu", dtype=self.dtype)
         ctx.__enter__()
         self.active.append(ctx)
 

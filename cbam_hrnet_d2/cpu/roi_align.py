@@ -25,7 +25,7 @@ import torch
 from detectron2.layers import ROIAlign
 from torch import nn
 
-from cbam_hrnet_d2.modeling.precision import is_exporting
+from cbam_hrnet_d2.device import is_exporting
 
 __all__ = ["SparseROIAlign", "use_sparse_roi_align", "roi_align_matrix"]
 

@@ -95,7 +95,9 @@ class RobustDatasetMapper(DatasetMapper):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.dataset_names = list(dataset_names)
+        # one name (a LazyConfig's dataset.names) or several
+        names = [dataset_names] if isinstance(dataset_names, str) else dataset_names
+        self.dataset_names = list(names)
         self.skip_bad_images = skip_bad_images
         self.bad_images_file = bad_images_file
 

@@ -3,12 +3,11 @@
 * **CUDA:** detectron2's ``AMPTrainer`` (autocast + grad scaler) in ``SOLVER.AMP.PRECISION``
   ("auto" = fp16 with the scaler, as detectron2; bf16 has fp32's exponent range and runs without
   one), as
-  :class:`ResumableAMPTrainer`: resuming a checkpoint written without AMP (no ``grad_scaler``
-  entry) starts a fresh scaler with a warning instead of detectron2's KeyError.
+  :class:`ResumableAMPTrainer`: resuming a checkpoint written without AMP, or by bf16 AMP (an
+  empty scaler state), starts a fresh scaler with a warning instead of detectron2's error.
 * **CPU:** :class:`CPUAMPTrainer`, every step under ``torch.autocast("cpu", bfloat16)``
   (detectron2's ``AMPTrainer`` stops without CUDA). On a CPU without native bf16 the step is far
-  slower than fp32: the builders warn (:func:`~cbam_hrnet_d2.modeling.precision.
-  warn_if_emulated_bf16`).
+  slower than fp32: the builders warn (:func:`~cbam_hrnet_d2.device.warn_if_emulated_bf16`).
 """
 
 import logging
@@ -17,19 +16,16 @@ import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer
 from torch.amp import GradScaler
 
-from cbam_hrnet_d2.modeling.precision import warn_if_emulated_bf16
+from cbam_hrnet_d2.device import amp_dtype, is_cpu, warn_if_emulated_bf16
 
 __all__ = [
-    "AMP_PRECISIONS",
     "CPUAMPTrainer",
     "ResumableAMPTrainer",
-    "amp_trainer",
+    "build_step_trainer",
     "trainer_class",
 ]
 
 logger = logging.getLogger(__name__)
-
-AMP_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class CPUAMPTrainer(SimpleTrainer):
@@ -41,45 +37,36 @@ class CPUAMPTrainer(SimpleTrainer):
 
 
 class ResumableAMPTrainer(AMPTrainer):
-    """detectron2's :class:`AMPTrainer` that also resumes checkpoints written without AMP."""
+    """detectron2's :class:`AMPTrainer` that also resumes checkpoints written without AMP (no
+    ``grad_scaler`` entry) or with a disabled scaler (bf16 AMP saves an empty scaler state, which
+    ``GradScaler.load_state_dict`` rejects): the scaler then starts afresh, with a warning."""
 
     def load_state_dict(self, state_dict):
-        if "grad_scaler" not in state_dict:
+        if not state_dict.get("grad_scaler"):
+            why = "no grad_scaler state" if "grad_scaler" not in state_dict else "an empty one"
             logger.warning(
-                "The checkpoint was written without SOLVER.AMP (no grad_scaler state): the grad "
-                "scaler starts afresh"
+                "The checkpoint was written without SOLVER.AMP or with bf16 AMP (%s): the grad "
+                "scaler starts afresh",
+                why,
             )
             SimpleTrainer.load_state_dict(self, state_dict)
             return
+        if not self.grad_scaler.is_enabled():
+            # an fp16 checkpoint resumed in bf16: this run needs no scaler, and has none to load
+            SimpleTrainer.load_state_dict(self, state_dict)
+            return
         super().load_state_dict(state_dict)
-
-
-def _check(precision: str, device: str) -> torch.dtype:
-    if precision not in ("auto", *AMP_PRECISIONS):
-        raise ValueError(
-            f"SOLVER.AMP.PRECISION = {precision!r} is not supported; allowed values: "
-            f"{['auto', *AMP_PRECISIONS]}"
-        )
-    on_cpu = torch.device(device).type == "cpu"
-    if precision == "auto":
-        precision = "bf16" if on_cpu else "fp16"
-    if on_cpu and precision != "bf16":
-        raise ValueError(
-            "SOLVER.AMP.PRECISION = 'fp16' needs CUDA (MODEL.DEVICE is 'cpu'); AMP on the CPU "
-            "runs bf16: set SOLVER.AMP.PRECISION bf16"
-        )
-    return AMP_PRECISIONS[precision]
 
 
 def trainer_class(amp_enabled: bool, device, precision: str = "auto"):
     """A callable ``(model, data_loader, optimizer, **kwargs) -> trainer`` for ``device``:
     ``SimpleTrainer`` without AMP; with AMP :class:`CPUAMPTrainer` on the CPU,
     :class:`ResumableAMPTrainer` in ``precision`` elsewhere. Used by ``lazy_train_net.py``
-    (``train.amp.enabled``, ``train.amp.precision``) and :func:`amp_trainer`."""
+    (``train.amp.enabled``, ``train.amp.precision``) and :func:`build_step_trainer`."""
     if not amp_enabled:
         return SimpleTrainer
-    dtype = _check(precision, str(device))
-    if torch.device(device).type == "cpu":
+    dtype = amp_dtype(precision, device)
+    if is_cpu(device):
         warn_if_emulated_bf16("AMP training (SOLVER.AMP.ENABLED / train.amp.enabled)", device)
         return CPUAMPTrainer
 
@@ -93,17 +80,8 @@ def trainer_class(amp_enabled: bool, device, precision: str = "auto"):
     return build
 
 
-def amp_trainer(cfg, trainer: SimpleTrainer) -> SimpleTrainer:
-    """The trainer ``DefaultTrainer`` built, rebuilt for ``SOLVER.AMP`` on ``MODEL.DEVICE`` (see the
-    module doc); ``trainer`` itself without AMP."""
-    if not cfg.SOLVER.AMP.ENABLED:
-        return trainer
-    build = trainer_class(True, cfg.MODEL.DEVICE, cfg.SOLVER.AMP.PRECISION)
-    return build(
-        trainer.model,
-        trainer.data_loader,
-        trainer.optimizer,
-        gather_metric_period=trainer.gather_metric_period,
-        zero_grad_before_forward=trainer.zero_grad_before_forward,
-        async_write_metrics=trainer.async_write_metrics,
-    )
+def build_step_trainer(cfg, model, data_loader, optimizer) -> SimpleTrainer:
+    """The step trainer of a YAML config: :func:`trainer_class` of ``SOLVER.AMP`` on
+    ``MODEL.DEVICE`` (see the module doc), built on ``model``, ``data_loader``, ``optimizer``."""
+    build = trainer_class(cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE, cfg.SOLVER.AMP.PRECISION)
+    return build(model, data_loader, optimizer)

@@ -1,16 +1,26 @@
-"""Training hooks that put what a long run needs to know into metrics.json: resident memory
-(:class:`MemoryMonitor`) and the number of images skipped as unusable (:class:`BadImageCounter`)."""
+"""The hooks of a training run, and the one function that lists them for both entry points.
+
+* :func:`build_training_hooks`: the hook list of ``train_net.py`` (``Trainer.build_hooks``) and
+  ``lazy_train_net.py`` alike: exact resume, detectron2's timer, LR scheduler, checkpointer,
+  evaluation and writers, the two hooks below, and preemption.
+* :class:`MemoryMonitor` and :class:`BadImageCounter` put what a long run needs to know into
+  metrics.json: resident memory and the number of images skipped as unusable.
+"""
 
 import logging
 import os
-from typing import Dict
+from typing import Callable, Dict, List, Optional, Sequence
 
-from detectron2.engine import HookBase
+from detectron2.engine import HookBase, hooks
+from detectron2.utils import comm
+from detectron2.utils.events import EventWriter
 
 from cbam_hrnet_d2.data.build import BAD_IMAGES_FILE
+from cbam_hrnet_d2.engine.preemption import Preemption
+from cbam_hrnet_d2.engine.resume import ExactResume, ResumableLoader
 from cbam_hrnet_d2.utils.memory import rss_mib
 
-__all__ = ["MemoryMonitor", "BadImageCounter"]
+__all__ = ["MemoryMonitor", "BadImageCounter", "build_training_hooks"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,3 +95,56 @@ class BadImageCounter(HookBase):
 
 def _fmt(sample: Dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.0f}" for k, v in sample.items())
+
+
+def build_training_hooks(
+    *,
+    checkpointer,
+    loader: ResumableLoader,
+    lr_scheduler: hooks.LRScheduler,
+    eval_period: int,
+    eval_function: Callable[[], dict],
+    writers: List[EventWriter],
+    output_dir: str,
+    seed: int,
+    exact_resume: bool,
+    checkpoint_period: int,
+    max_to_keep: Optional[int] = None,
+    log_period: int = 20,
+    before_checkpoint: Sequence[Optional[HookBase]] = (),
+) -> List[HookBase]:
+    """The hooks of a training run, in order:
+
+    1. :class:`~cbam_hrnet_d2.engine.resume.ExactResume` (replays data before any step, gathers RNG
+       states before a checkpoint; ``exact_resume``, ``seed``),
+    2. detectron2's ``IterationTimer``, ``lr_scheduler``, ``before_checkpoint`` (e.g. PreciseBN),
+       ``PeriodicCheckpointer`` (main process) and ``EvalHook(eval_period, eval_function)``,
+    3. :class:`MemoryMonitor` and :class:`BadImageCounter` (``output_dir/bad_images.tsv``), before
+       the writers so that their values reach metrics.json,
+    4. ``PeriodicWriter(writers)`` (main process),
+    5. :class:`~cbam_hrnet_d2.engine.preemption.Preemption`, last (after the periodic checkpoint of
+       the same iteration).
+    """
+    main = comm.is_main_process()
+    preemption = Preemption()
+    listed = [
+        ExactResume(
+            loader,
+            enabled=exact_resume,
+            seed=seed,
+            checkpoint_period=checkpoint_period,
+            preemption=preemption,
+        ),
+        hooks.IterationTimer(),
+        lr_scheduler,
+        *before_checkpoint,
+        hooks.PeriodicCheckpointer(checkpointer, checkpoint_period, max_to_keep=max_to_keep)
+        if main
+        else None,
+        hooks.EvalHook(eval_period, eval_function),
+        MemoryMonitor(),
+        BadImageCounter(output_dir),
+        hooks.PeriodicWriter(writers, period=log_period) if main else None,
+        preemption,
+    ]
+    return [h for h in listed if h is not None]

@@ -20,8 +20,10 @@ from typing import Callable, List
 
 import torch
 from detectron2.engine import launch as d2_launch
+from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
 
+from cbam_hrnet_d2.device import hide_gpus as must_hide_gpus
 from cbam_hrnet_d2.engine.lock import OutputDirBusy, claim_output_dir
 from cbam_hrnet_d2.engine.preemption import STOP_SIGNALS
 
@@ -56,6 +58,9 @@ def launch(
     if num_gpus_per_machine * num_machines <= 1:
         return d2_launch(main_func, num_gpus_per_machine, num_machines=num_machines, **kwargs)
     check_num_gpus(num_gpus_per_machine, device)
+    # this process only launches: its own lines (the one below) need a console handler, which
+    # the workers set up for themselves in main()
+    setup_logger(name="cbam_hrnet_d2")
     forwarded = []
 
     def forward(signum, _frame):
@@ -66,7 +71,7 @@ def launch(
             except ProcessLookupError:
                 pass
 
-    hide_gpus = str(device) == "cpu" and torch.cuda.is_available()
+    hide_gpus = must_hide_gpus(device)
     saved_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if hide_gpus:
         logger.info(

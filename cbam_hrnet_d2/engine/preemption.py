@@ -18,38 +18,23 @@ import os
 import shlex
 import signal
 import sys
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["Preemption", "TrainingStopped", "stop_requested", "STOP_SIGNALS"]
+__all__ = ["Preemption", "TrainingStopped", "STOP_SIGNALS"]
 
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_received: Optional[int] = None  # the first stop signal this process received during training
 
 
 class TrainingStopped(SystemExit):
     """Raised (through detectron2's train loop, which lets it pass) once the preemption checkpoint
     is written; exits the process with ``128 + signal``."""
-
-
-def _on_signal(signum, _frame) -> None:
-    global _received
-    if _received is None:
-        _received = signum
-        logger.warning(
-            "Received %s: finishing the current iteration, then writing a checkpoint and "
-            "stopping (SIGKILL stops at once, losing the iterations since the last checkpoint)",
-            signal.Signals(signum).name,
-        )
-
-
-_agreed: Optional[Tuple[int, bool]] = None  # (iteration, answer) of the last agreement
 
 
 def _any_process(flag: bool) -> bool:
@@ -63,19 +48,6 @@ def _any_process(flag: bool) -> bool:
     return bool(value.item())
 
 
-def stop_requested(trainer) -> bool:
-    """Whether any process received a stop signal before the end of this iteration. With several
-    processes a collective (one all-reduce of one integer per iteration): every process calls it
-    at the same point of an iteration; the answer is kept for the iteration, so later calls in the
-    same iteration (the :class:`~cbam_hrnet_d2.engine.resume.ExactResume` hook's, this hook's)
-    agree with the first and cost nothing."""
-    global _agreed
-    if _agreed is not None and _agreed[0] == trainer.iter:
-        return _agreed[1]
-    _agreed = (trainer.iter, _any_process(_received is not None))
-    return _agreed[1]
-
-
 def _resume_command() -> str:
     argv = [a for a in sys.argv if a != "--resume"]
     script = argv[0] if argv else "train_net.py"
@@ -83,16 +55,40 @@ def _resume_command() -> str:
 
 
 class Preemption(HookBase):
-    """See the module doc. Register it last, after detectron2's checkpointing hook."""
+    """See the module doc. Register it last, after detectron2's checkpointing hook. The hook owns
+    its state: the signal this process received (:attr:`received`) and the agreement of the
+    processes on the current iteration (:meth:`stop_requested`, which
+    :class:`~cbam_hrnet_d2.engine.resume.ExactResume` asks too)."""
 
     def __init__(self):
-        self._previous = {}
-        self._message = None
+        self._previous: Dict[int, object] = {}
+        self._message: Optional[str] = None
+        self.received: Optional[int] = None  # the first stop signal received during training
+        self._agreed: Optional[Tuple[int, bool]] = None  # (iteration, answer) of the last agreement
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self.received is None:
+            self.received = signum
+            logger.warning(
+                "Received %s: finishing the current iteration, then writing a checkpoint and "
+                "stopping (SIGKILL stops at once, losing the iterations since the last checkpoint)",
+                signal.Signals(signum).name,
+            )
+
+    def stop_requested(self) -> bool:
+        """Whether any process received a stop signal before the end of this iteration. With
+        several processes a collective (one all-reduce of one integer per iteration): every process
+        calls it at the same point of an iteration; the answer is kept for the iteration, so later
+        calls in the same iteration (ExactResume's, this hook's) agree with the first and cost
+        nothing."""
+        it = self.trainer.iter
+        if self._agreed is None or self._agreed[0] != it:
+            self._agreed = (it, _any_process(self.received is not None))
+        return self._agreed[1]
 
     def before_train(self):
-        global _received, _agreed
-        _received, _agreed = None, None
-        self._previous = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
+        self.received, self._agreed = None, None
+        self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
 
     def after_train(self):
         for s, handler in self._previous.items():
@@ -102,7 +98,7 @@ class Preemption(HookBase):
             logger.warning(self._message)
 
     def after_step(self):
-        if not stop_requested(self.trainer):
+        if not self.stop_requested():
             return
         it = self.trainer.iter
         checkpointer = self.trainer.checkpointer
@@ -114,10 +110,10 @@ class Preemption(HookBase):
             if not already:
                 checkpointer.save(name, iteration=it)
         comm.synchronize()
-        signum = _received or signal.SIGTERM
+        signum = self.received or signal.SIGTERM
         code = 128 + int(signum)
         if comm.is_main_process():
-            by = signal.Signals(signum).name if _received else "a signal to another process"
+            by = signal.Signals(signum).name if self.received else "a signal to another process"
             self._message = (
                 f"Stopped by {by} after iteration {it}: checkpoint {path} (last_checkpoint "
                 f"updated). Resume with: {_resume_command()}"

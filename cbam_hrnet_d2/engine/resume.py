@@ -32,7 +32,7 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from cbam_hrnet_d2.engine.preemption import stop_requested
+from cbam_hrnet_d2.engine.preemption import Preemption
 
 __all__ = ["capture_rng_state", "restore_rng_state", "ResumableLoader", "ExactResume"]
 
@@ -122,12 +122,20 @@ class ResumableLoader:
 
 class ExactResume(HookBase):
     """See the module doc. Register it before the checkpointing hooks; ``loader`` is the trainer's
-    training loader."""
+    training loader, ``preemption`` the run's :class:`~cbam_hrnet_d2.engine.preemption.Preemption`
+    hook (a stop writes a checkpoint, whose RNG states are gathered first)."""
 
     def __init__(
-        self, loader: ResumableLoader, *, enabled: bool, seed: int, checkpoint_period: int
+        self,
+        loader: ResumableLoader,
+        *,
+        enabled: bool,
+        seed: int,
+        checkpoint_period: int,
+        preemption: Optional[Preemption] = None,
     ):
         self._loader = loader
+        self._preemption = preemption  # asked whether this iteration ends with a checkpoint
         self._enabled = enabled
         self._seed = seed
         self._period = checkpoint_period
@@ -138,7 +146,8 @@ class ExactResume(HookBase):
 
     def _checkpoint_due(self) -> bool:
         it, trainer = self.trainer.iter, self.trainer
-        return (it + 1) % self._period == 0 or it + 1 >= trainer.max_iter or stop_requested(trainer)
+        stopping = self._preemption is not None and self._preemption.stop_requested()
+        return (it + 1) % self._period == 0 or it + 1 >= trainer.max_iter or stopping
 
     def after_step(self):
         # With several processes only the main one writes the checkpoint: gather the others' states

@@ -13,8 +13,8 @@ import torch
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
+from cbam_hrnet_d2.device import native_bf16
 from cbam_hrnet_d2.export.trace import OUTPUT_NAMES
-from cbam_hrnet_d2.modeling.precision import native_bf16
 
 __all__ = [
     "RUNTIMES",

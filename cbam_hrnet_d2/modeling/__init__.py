@@ -1,7 +1,9 @@
-"""The model: CBAM (:mod:`.cbam`), the HRNet trunk (:mod:`.hrnet`), the registered backbones
-(:mod:`.backbone`), inference precision (:mod:`.precision`) and the RoI heads with a cap on the
-mask head's training positives (:mod:`.roi_heads`). Importing it registers the backbones and the
-RoI heads."""
+"""The model: CBAM (:mod:`.cbam`), the HRNet trunk (:mod:`.hrnet`) and its ImageNet weights
+(:mod:`.hrnet_weights`), the registered backbones (:mod:`.backbone`), inference precision
+(:mod:`.precision`), the RoI heads with a cap on the mask head's training positives
+(:mod:`.roi_heads`) and the meta-architecture that takes the CPU speed layer on a CPU
+(:mod:`.meta_arch`). Importing it registers the backbones, the RoI heads and the
+meta-architecture."""
 
 from cbam_hrnet_d2.modeling.backbone import (
     CBAMFPN,
@@ -12,6 +14,7 @@ from cbam_hrnet_d2.modeling.backbone import (
     hrnet_fpn,
 )
 from cbam_hrnet_d2.modeling.cbam import CBAM, record_attention
+from cbam_hrnet_d2.modeling.meta_arch import GeneralizedRCNNWithCPULayer
 from cbam_hrnet_d2.modeling.roi_heads import CappedMaskROIHeads
 
 __all__ = [
@@ -24,4 +27,5 @@ __all__ = [
     "build_cbam_hrnet_backbone",
     "build_cbam_hrnet_fpn_backbone",
     "CappedMaskROIHeads",
+    "GeneralizedRCNNWithCPULayer",
 ]

@@ -10,7 +10,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from torch import nn
 
-from cbam_hrnet_d2.checkpoint.hrnet_weights import load_pretrained_trunk
+from cbam_hrnet_d2.device import trunk_norm, warn_if_emulated_bf16
 from cbam_hrnet_d2.modeling.cbam import CBAM
 from cbam_hrnet_d2.modeling.hrnet import (
     HRNET_FEATURES,
@@ -22,12 +22,12 @@ from cbam_hrnet_d2.modeling.hrnet import (
     freeze_hrnet_stages,
     recompute_hrnet_modules,
 )
+from cbam_hrnet_d2.modeling.hrnet_weights import load_pretrained_trunk
 from cbam_hrnet_d2.modeling.precision import (
     PRECISIONS,
     autocast_dtype,
     check_precision,
     run_autocast,
-    warn_if_emulated_bf16,
 )
 
 __all__ = [
@@ -232,20 +232,11 @@ def _check_trunk_args(width, norm, branches, freeze_at) -> None:
         _check_choice("cbam_branches (MODEL.CBAM.BRANCHES)", branch, HRNET_FEATURES)
 
 
-def _trunk_norm(cfg) -> str:
-    norm = cfg.MODEL.HRNET.NORM
-    if norm == "SyncBN" and cfg.MODEL.DEVICE == "cpu":
-        # torch's SyncBatchNorm needs CUDA across processes; detectron2's all-reduce version runs on
-        # gloo.
-        return "naiveSyncBN"
-    return norm
-
-
 def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRNet:
     _check_choice("MODEL.CBAM.POSITION", cfg.MODEL.CBAM.POSITION, CBAM_POSITIONS)
     # fmt: off
     width      = cfg.MODEL.HRNET.WIDTH
-    norm       = _trunk_norm(cfg)
+    norm       = trunk_norm(cfg.MODEL.HRNET.NORM, cfg.MODEL.DEVICE)
     freeze_at  = cfg.MODEL.BACKBONE.FREEZE_AT
     branches   = cfg.MODEL.CBAM.BRANCHES if cbam_on_branches else []
     reduction  = cfg.MODEL.CBAM.REDUCTION

@@ -9,18 +9,17 @@ bf16 where the processor runs it natively (AVX512-BF16 or AMX on the CPU) and th
 enough for it to pay (:data:`AUTO_BF16_MIN_PIXELS`), fp32 elsewhere (CUDA included: not measured
 there). While a model is traced or exported, it runs float32.
 
-On a CPU without native bf16 (AVX2 only, e.g. AMD Zen 3) PyTorch emulates bfloat16 convolutions and
-matrix products. Measured 2026-12-01 on this project's 2-core AMD EPYC (AVX2), 2 threads, best of
-3: 1024x1024 matmul 0.44 GMAC/s in bf16 against 43.4 in fp32 (99x), a channels-last 3x3 conv
-(64 channels, 128x128) 5.66 against 68.7 (12x); backbone+FPN 6.1x slower (COCO W18, 256x384) and
-3.1x (shapes W18, 128x192). "auto" then stays fp32; an explicit "bf16" (or ``SOLVER.AMP.ENABLED``
-training on such a CPU) is honoured and :func:`warn_if_emulated_bf16` says what it costs.
+On a CPU without native bf16 (AVX2 only) PyTorch emulates bfloat16 convolutions and matrix
+products, several times slower than fp32 (measured in docs/precision.md): "auto" then stays fp32;
+an explicit "bf16" is honoured and :func:`~cbam_hrnet_d2.device.warn_if_emulated_bf16` says what it
+costs. Which CPU has native bf16 is a device rule (:mod:`cbam_hrnet_d2.device`).
 """
 
-import logging
 from typing import Dict
 
 import torch
+
+from cbam_hrnet_d2.device import is_exporting, native_bf16, warn_if_emulated_bf16
 
 __all__ = [
     "PRECISIONS",
@@ -33,37 +32,10 @@ __all__ = [
     "run_autocast",
 ]
 
-logger = logging.getLogger(__name__)
-
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# Padded input pixels (H x W) from which "auto" runs bf16 on the CPU. Measured on this project's
-# 2-core AVX512-BF16 CPU, 2026-11-25 (docs/precision.md), backbone+FPN time bf16 / fp32: FrozenBN
-# trunk (folded) 0.93 at 128x192, 0.61 at 256x384, 0.51 at 800x1216; GroupNorm trunk + FPN (the
-# shapes recipe; autocast runs GroupNorm in fp32, casting around every norm) 1.37, 0.99, 0.81.
+# Padded input pixels (H x W) from which "auto" runs bf16 on the CPU: below it bf16 did not pay for
+# the GroupNorm trunk of the shapes recipe (docs/precision.md, "Where bf16 pays").
 AUTO_BF16_MIN_PIXELS = 256 * 384
-
-
-def is_exporting() -> bool:
-    """True while torch.jit traces or scripts, torch.onnx exports, or torch.compile / torch.export
-    capture a graph."""
-    return (
-        torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_compiling()
-    )
-
-
-def native_bf16(device) -> bool:
-    """True where ``device`` runs bfloat16 matrix products natively: a CPU with AVX512-BF16 or AMX
-    (CUDA is not measured here: False)."""
-    if torch.device(device).type == "cpu":
-        cpu = torch.cpu
-        return any(
-            getattr(cpu, name, lambda: False)()
-            for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        )
-    return False
 
 
 def check_precision(precision: str, device: str, key: str = "TEST.PRECISION") -> None:
@@ -89,21 +61,6 @@ def autocast_dtype(precision: str, x: torch.Tensor):
         return torch.float16
     big = x.shape[-2] * x.shape[-1] >= AUTO_BF16_MIN_PIXELS
     return torch.bfloat16 if big and native_bf16(x.device) else None
-
-
-def warn_if_emulated_bf16(key: str, device) -> bool:
-    """Log a warning (and return True) when ``key`` asks for bf16 on a CPU that emulates it."""
-    if torch.device(device).type != "cpu" or native_bf16(device):
-        return False
-    logger.warning(
-        "%s asks for bfloat16, but this CPU has no native bf16 (no AVX512-BF16 / AMX; PyTorch "
-        "reports %s): bf16 convolutions and matrix products are emulated, 12-99x slower than "
-        "fp32, backbone+FPN 3-6x (cbam_hrnet_d2/precision.py). Use TEST.PRECISION 'auto' "
-        "(fp32 here) and SOLVER.AMP.ENABLED False on this machine.",
-        key,
-        torch.backends.cpu.get_cpu_capability(),
-    )
-    return True
 
 
 def run_autocast(fn, x: torch.Tensor, dtype) -> Dict[str, torch.Tensor]:

@@ -3,20 +3,34 @@ configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml (same parameters and state_dict key
 common/ pieces (model, COCO data, 1x schedule, SGD, train settings).
 
     python lazy_train_net.py --config-file configs/lazy/mask_rcnn_cbam_hrnet_w18_fpn.py --num-gpus 8
+
+The model is the YAML configs' model, whichever door builds it: ``instantiate(cfg.model)`` takes
+the CPU speed layer where ``train.device`` is "cpu" (``model.device`` follows it), so
+``instantiate(cfg.model).to(cfg.train.device)`` is what ``lazy_train_net.py`` and the demo run.
+detectron2's common/ configs are read from the installed package (``detectron2_config``), not
+through ``model_zoo.get_config``, which needs ``pkg_resources``.
 """
 
-from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
+from cbam_hrnet_d2.config import detectron2_config
+from cbam_hrnet_d2.data.build import RobustDatasetMapper
 from cbam_hrnet_d2.modeling.backbone import CBAMHRNet, hrnet_fpn
 from cbam_hrnet_d2.modeling.hrnet import HRNET_FEATURES
+from cbam_hrnet_d2.modeling.meta_arch import GeneralizedRCNNWithCPULayer
 
-model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
-dataloader = model_zoo.get_config("common/data/coco.py").dataloader
-lr_multiplier = model_zoo.get_config("common/coco_schedule.py").lr_multiplier_1x
-optimizer = model_zoo.get_config("common/optim.py").SGD
-train = model_zoo.get_config("common/train.py").train
+model = detectron2_config("common/models/mask_rcnn_fpn.py").model
+dataloader = detectron2_config("common/data/coco.py").dataloader
+lr_multiplier = detectron2_config("common/coco_schedule.py").lr_multiplier_1x
+optimizer = detectron2_config("common/optim.py").SGD
+train = detectron2_config("common/train.py").train
+
+# detectron2's GeneralizedRCNN, plus the CPU speed layer where train.device is "cpu" (MODEL.CPU of
+# the YAML configs: the switches of cbam_hrnet_d2.cpu.cpu_speedups, all on)
+model._target_ = GeneralizedRCNNWithCPULayer
+model.device = "${..train.device}"
+model.cpu_speedups = dict(channels_last=True, sparse_roi_align=True, fold_bn=True, bf16_heads=True)
 
 # The backbone: the CBAM-HRNet trunk (the arguments the YAML builder passes for the 1x config)
 # under detectron2's FPN with LastLevelMaxPool.
@@ -43,9 +57,15 @@ model.pixel_mean = [123.675, 116.28, 103.53]
 model.pixel_std = [58.395, 57.12, 57.375]
 model.input_format = "RGB"
 dataloader.train.mapper.image_format = "RGB"
+# the mapper of train_net.py: a bad image is skipped in training (named in bad_images.tsv and
+# counted in metrics.json) and stops evaluation naming its file
+dataloader.train.mapper._target_ = RobustDatasetMapper
+dataloader.train.mapper.dataset_names = "${..dataset.names}"
+dataloader.train.mapper.skip_bad_images = True
+dataloader.train.mapper.bad_images_file = "${....train.output_dir}/bad_images.tsv"
+dataloader.test.mapper._target_ = RobustDatasetMapper
+dataloader.test.mapper.dataset_names = "${..dataset.names}"
 
 # ImageNet weights made by `tools/convert_hrnet_weights.py` (docs/weights.md)
 train.init_checkpoint = "weights/hrnet_w18_in1k_d2.safetensors"
-train.device = "cuda"
-# the CPU speed layer (MODEL.CPU of the YAML configs), applied where train.device is "cpu"
-train.cpu_speedups = dict(channels_last=True, sparse_roi_align=True, fold_bn=True)
+train.device = "cuda"  # lazy_train_net.py sets "cpu" where there is no CUDA

@@ -5,14 +5,13 @@ as a LazyConfig: the same model, data, optimizer and schedule, written over the 
 """
 
 import detectron2.data.transforms as T
-from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.data import get_detection_dataset_dicts
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 import cbam_hrnet_d2.data  # noqa: F401  (registers shapes_train / shapes_val)
-from cbam_hrnet_d2.data.build import RobustDatasetMapper
+from cbam_hrnet_d2.config import detectron2_config
 from cbam_hrnet_d2.modeling.roi_heads import CappedMaskROIHeads
 
 from .mask_rcnn_cbam_hrnet_w18_fpn import dataloader, model, train
@@ -42,20 +41,12 @@ _roi.mask_head.conv_dims = [128, 128, 128, 128, 128]
 _roi.mask_head.conv_norm = "GN"
 _roi.mask_positives_per_image = 12
 
-# data: the shapes set at 128-192 px, bad images skipped as train_net.py does
+# data: the shapes set at 128-192 px (the base's RobustDatasetMapper: bad images skipped)
 dataloader.train.dataset = L(get_detection_dataset_dicts)(names="shapes_train")
-dataloader.train.mapper = L(RobustDatasetMapper)(
-    is_train=True,
-    augmentations=[
-        L(T.ResizeShortestEdge)(short_edge_length=(128,), sample_style="choice", max_size=192),
-        L(T.RandomFlip)(horizontal=True),
-    ],
-    image_format="RGB",
-    use_instance_mask=True,
-    dataset_names=["shapes_train"],
-    skip_bad_images=True,
-    bad_images_file="${....train.output_dir}/bad_images.tsv",
-)
+dataloader.train.mapper.augmentations = [
+    L(T.ResizeShortestEdge)(short_edge_length=(128,), sample_style="choice", max_size=192),
+    L(T.RandomFlip)(horizontal=True),
+]
 dataloader.train.total_batch_size = 8
 dataloader.train.num_workers = 1
 dataloader.test.dataset = L(get_detection_dataset_dicts)(names="shapes_val", filter_empty=False)
@@ -69,7 +60,7 @@ dataloader.evaluator.tasks = ("bbox", "segm")
 dataloader.evaluator.output_dir = "${...train.output_dir}/inference/shapes_val"
 
 # AdamW 3e-3, weight decay 1e-4 (none on norms), warm-up 50 iterations, x0.1 at 980 of 1150
-optimizer = model_zoo.get_config("common/optim.py").AdamW
+optimizer = detectron2_config("common/optim.py").AdamW
 optimizer.lr = 0.003
 optimizer.weight_decay = 1e-4
 train.max_iter = 1150

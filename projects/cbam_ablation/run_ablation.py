@@ -84,7 +84,7 @@ def machine() -> str:
     """Where a record was made: cores, CPU model and ISA, torch, and the code's commit."""
     import torch
 
-    from cbam_hrnet_d2.modeling.precision import native_bf16
+    from cbam_hrnet_d2.device import native_bf16
 
     model = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
