@@ -69,6 +69,7 @@ def do_train(args, cfg):
     logger.info("Trainer: %s", type(trainer).__name__)
     checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.checkpointer = checkpointer  # the Preemption hook saves through it
+    ema = cfg.train.get("model_ema", {})  # MODEL_EMA of the YAML configs: enabled, decay
     trainer.register_hooks(
         build_training_hooks(
             checkpointer=checkpointer,
@@ -83,6 +84,7 @@ def do_train(args, cfg):
             checkpoint_period=cfg.train.checkpointer.period,
             max_to_keep=cfg.train.checkpointer.get("max_to_keep"),
             log_period=cfg.train.log_period,
+            ema_decay=ema.get("decay", 0.999) if ema.get("enabled", False) else None,
         )
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
@@ -120,6 +122,8 @@ def invoke_main() -> None:
         device=cfg.train.device,
         output_dir=cfg.train.output_dir,
         output_dir_opts=lambda folder: [f"train.output_dir={folder}"],
+        # RUN_LOCK.LEASE_SECONDS of the YAML configs
+        lock_lease_s=cfg.train.get("run_lock_lease_seconds", 180.0),
     )
 
 

@@ -100,6 +100,22 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # docs/training.md). Costs one pass of data loading over the iterations already done.
     _C.DATALOADER.EXACT_RESUME = False
 
+    # The lock of OUTPUT_DIR (cbam_hrnet_d2/engine/lock.py): the holding process renews it every
+    # third of this many seconds; a lock not renewed for longer is stale on any host and taken over
+    # with a warning (a job killed without cleanup and requeued on another node starts by itself).
+    _C.RUN_LOCK = CN()
+    _C.RUN_LOCK.LEASE_SECONDS = 180.0
+
+    # Exponential moving average of the weights in training (cbam_hrnet_d2/engine/ema.py): every
+    # evaluation runs the averaged weights, and model_final.pth holds them; the average is part of
+    # each checkpoint, so --resume continues it exactly.
+    _C.MODEL_EMA = CN()
+    # Keep the average at all.
+    _C.MODEL_EMA.ENABLED = False
+    # Its decay per step, in (0, 1) (after a warm-up of (1 + n) / (10 + n) over the first steps):
+    # 0.99 averages over about the last 100 steps, 0.999 over about the last 1000.
+    _C.MODEL_EMA.DECAY = 0.999
+
     # Mixed precision of SOLVER.AMP.ENABLED training. Options: "auto" (fp16 on CUDA as detectron2,
     # bf16 on the CPU), "fp16" (CUDA only, with detectron2's grad scaler), "bf16" (no scaler).
     _C.SOLVER.AMP.PRECISION = "auto"

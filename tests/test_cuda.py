@@ -186,9 +186,10 @@ def _eval_shapes(out, opts):
 @requires_cuda
 class TestRunsOnCuda(PreemptionCase):
     def test_sigterm_on_the_gpu_stops_with_a_checkpoint_and_resume_finishes(self):
-        common = self.exact_resume_opts(seed=7, max_iter=30, checkpoint_period=1000)
+        # 100 iterations: the signal, sent right after the first logged one, lands mid-run on a GPU
+        common = self.exact_resume_opts(seed=7, max_iter=100, checkpoint_period=1000)
         out = self.out("gpu_stopped")
-        rc, log = self.preempt(common, out, after_s=1.0, device="cuda")
+        rc, log = self.preempt(common, out, after_s=0.0, device="cuda")
         it = self.check_stopped(rc, log, out, signal.SIGTERM)
         proc = run_train_net(["--resume", *common, "OUTPUT_DIR", out], device="cuda")
         self.check(proc)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 from unittest import mock
 
@@ -85,13 +86,39 @@ class TestOutputDirLock(unittest.TestCase):
         self.assertIn("its holder is gone", logs.output[0])
         self.assertIn(f"process {dead.pid}", logs.output[0])
 
-    def test_a_lock_from_another_host_is_refused_with_the_file_to_delete(self):
-        _write_lock(self.out, host="node-17.cluster", pid=1234)
+    def test_a_renewed_lock_from_another_host_is_refused_naming_it_and_the_lease(self):
+        _write_lock(self.out, host="node-17.cluster", pid=1234)  # renewed just now
         with self.assertRaises(OutputDirBusy) as ctx:
             with claim_output_dir(self.out):
                 pass
-        self.assertIn("node-17.cluster", str(ctx.exception))
-        self.assertIn(f"delete {os.path.join(self.out, LOCK_FILE)}", str(ctx.exception))
+        text = str(ctx.exception)
+        self.assertIn("node-17.cluster", text)
+        self.assertRegex(text, r"renewed its lock [01] s ago")
+        self.assertIn("taken over once it is 180 s old (RUN_LOCK.LEASE_SECONDS)", text)
+        self.assertIn(f"delete {os.path.join(self.out, LOCK_FILE)}", text)
+
+    def test_a_lock_of_another_host_not_renewed_for_two_hours_is_taken_over(self):
+        # a job killed by SIGKILL on node-17 and requeued here: its lease ran out long ago
+        _write_lock(self.out, host="node-17.cluster", pid=1234)
+        path = os.path.join(self.out, LOCK_FILE)
+        two_hours_ago = time.time() - 2 * 3600
+        os.utime(path, (two_hours_ago, two_hours_ago))
+        with self.assertLogs("cbam_hrnet_d2.engine.lock", "WARNING") as logs:
+            with claim_output_dir(self.out) as got:
+                self.assertEqual(got, self.out)
+                self.assertEqual(read_lock(self.out)["host"], socket.gethostname())
+        self.assertIn("not renewed for 7200 s, longer than its lease of 180 s", logs.output[0])
+        self.assertIn("node-17.cluster", logs.output[0])
+
+    def test_the_holder_renews_its_lock_while_it_runs(self):
+        path = os.path.join(self.out, LOCK_FILE)
+        with claim_output_dir(self.out, lease_s=0.3):
+            os.utime(path, (0, 0))  # as if last renewed in 1970
+            time.sleep(0.5)  # the renewer touches it every 0.1 s
+            self.assertLess(time.time() - os.stat(path).st_mtime, 0.3)
+        with self.assertRaisesRegex(ValueError, "RUN_LOCK.LEASE_SECONDS = 0 must be > 0"):
+            with claim_output_dir(self.out, lease_s=0):
+                pass
 
 
 class TestLaunchChecks(unittest.TestCase):
@@ -151,3 +178,26 @@ class TestRNGStates(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestDeviceRules(unittest.TestCase):
+    def test_threads_are_shared_between_local_processes_on_either_device(self):
+        from cbam_hrnet_d2.cpu.process import set_cpu_threads
+        from cbam_hrnet_d2.device import cpu_threads_per_process
+
+        self.assertEqual(cpu_threads_per_process(8, cores=16), 2)
+        self.assertEqual(cpu_threads_per_process(8, cores=4), 1)  # at least one
+        before = torch.get_num_threads()
+        self.addCleanup(torch.set_num_threads, before)
+        with mock.patch("detectron2.utils.comm.get_local_size", lambda: 2):
+            with mock.patch("os.cpu_count", lambda: 16):
+                self.assertEqual(set_cpu_threads("cuda"), 8)  # 8 GPU processes: not 8 x 16
+                self.assertEqual(torch.get_num_threads(), 8)
+
+    def test_syncbn_and_ddp_device_ids_follow_the_device(self):
+        from cbam_hrnet_d2.device import ddp_device_ids, trunk_norm
+
+        self.assertEqual(trunk_norm("SyncBN", "cpu"), "naiveSyncBN")
+        self.assertEqual(trunk_norm("SyncBN", "cuda:0"), "SyncBN")
+        self.assertEqual(trunk_norm("GN", "cpu"), "GN")
+        self.assertIsNone(ddp_device_ids(torch.nn.Linear(1, 1), 3))  # gloo: no device ids

@@ -27,12 +27,17 @@ STOP_LINE = (
 )
 
 
+# logged by MemoryMonitor after the first iteration of the loop, whose hooks (Preemption's signal
+# handlers among them) were set in before_train: a signal from then on stops at a step boundary
+FIRST_ITERATION = "RSS after the first iteration"
+
+
 def wait_for_training(log_path, proc, timeout=300):
-    """Return once train_net.py has started its training loop (its signal handlers are then set a
-    moment later: the caller waits a little more)."""
+    """Return once train_net.py has logged its first training iteration (on a fast GPU a whole
+    short run fits in a fixed delay after start-up)."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isfile(log_path) and "Starting training from iteration" in open(log_path).read():
+        if os.path.isfile(log_path) and FIRST_ITERATION in open(log_path).read():
             return
         time.sleep(0.05)
     raise AssertionError(f"training did not start: {open(log_path).read()[-3000:]}")

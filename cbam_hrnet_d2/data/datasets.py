@@ -77,7 +77,8 @@ def register_coco_json(name: str, json_file: str, image_root: str) -> None:
 
 
 def register_shapes(root: Optional[str] = None) -> None:
-    """Register ``shapes_train`` and ``shapes_val``; loading generates missing files first."""
+    """Register ``shapes_train``, ``shapes_val`` and ``shapes_val1k`` (:data:`SHAPES_SPLITS`);
+    loading generates missing files first."""
     out = shapes_root(root)
     for split in SHAPES_SPLITS:
         name = f"shapes_{split}"
@@ -119,7 +120,7 @@ def check_datasets(cfg) -> None:
             raise KeyError(
                 f"Dataset {name!r} (in DATASETS.TRAIN/TEST) is not registered. Register it with "
                 "DATASETS.REGISTER_COCO [[name, json_file, image_root]] or use one of: "
-                "shapes_train, shapes_val, coco_2017_train, coco_2017_val, ..."
+                "shapes_train, shapes_val, shapes_val1k, coco_2017_train, coco_2017_val, ..."
             )
         meta = MetadataCatalog.get(name)
         split = name[len("shapes_") :]

@@ -22,8 +22,14 @@ logger = logging.getLogger(__name__)
 
 # COCO category ids 1..6, in this order.
 SHAPES_CATEGORIES: Tuple[str, ...] = ("square", "circle", "triangle", "hexagon", "pentagon", "star")
-# split -> (number of images, seed)
-SHAPES_SPLITS: Dict[str, Tuple[int, int]] = {"train": (2000, 1), "val": (200, 2)}
+# split -> (number of images, seed). val1k: drawn independently of val (another seed), 5x as many
+# images, for evaluations whose noise must be small (docs/cpu_recipe.md, "Where the spread comes
+# from")
+SHAPES_SPLITS: Dict[str, Tuple[int, int]] = {
+    "train": (2000, 1),
+    "val": (200, 2),
+    "val1k": (1000, 3),
+}
 _IMAGE_SIZES = (128, 192)  # side lengths are drawn from this range (both ends included)
 _MAX_OBJECTS = 6
 _MIN_VISIBLE = 0.6  # an object keeps at least this fraction of its area visible

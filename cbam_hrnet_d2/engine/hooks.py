@@ -16,6 +16,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import EventWriter
 
 from cbam_hrnet_d2.data.build import BAD_IMAGES_FILE
+from cbam_hrnet_d2.engine.ema import ModelEMA
 from cbam_hrnet_d2.engine.preemption import Preemption
 from cbam_hrnet_d2.engine.resume import ExactResume, ResumableLoader
 from cbam_hrnet_d2.utils.memory import rss_mib
@@ -112,13 +113,16 @@ def build_training_hooks(
     max_to_keep: Optional[int] = None,
     log_period: int = 20,
     before_checkpoint: Sequence[Optional[HookBase]] = (),
+    ema_decay: Optional[float] = None,
 ) -> List[HookBase]:
     """The hooks of a training run, in order:
 
     1. :class:`~cbam_hrnet_d2.engine.resume.ExactResume` (replays data before any step, gathers RNG
        states before a checkpoint; ``exact_resume``, ``seed``),
     2. detectron2's ``IterationTimer``, ``lr_scheduler``, ``before_checkpoint`` (e.g. PreciseBN),
-       ``PeriodicCheckpointer`` (main process) and ``EvalHook(eval_period, eval_function)``,
+       with ``ema_decay`` a :class:`~cbam_hrnet_d2.engine.ema.ModelEMA` (the evaluation then runs
+       the averaged weights), ``PeriodicCheckpointer`` (main process) and
+       ``EvalHook(eval_period, eval_function)``,
     3. :class:`MemoryMonitor` and :class:`BadImageCounter` (``output_dir/bad_images.tsv``), before
        the writers so that their values reach metrics.json,
     4. ``PeriodicWriter(writers)`` (main process),
@@ -127,6 +131,9 @@ def build_training_hooks(
     """
     main = comm.is_main_process()
     preemption = Preemption()
+    ema = ModelEMA(ema_decay) if ema_decay is not None else None
+    if ema is not None:
+        eval_function = ema.evaluating(eval_function)
     listed = [
         ExactResume(
             loader,
@@ -138,6 +145,7 @@ def build_training_hooks(
         hooks.IterationTimer(),
         lr_scheduler,
         *before_checkpoint,
+        ema,
         hooks.PeriodicCheckpointer(checkpointer, checkpoint_period, max_to_keep=max_to_keep)
         if main
         else None,

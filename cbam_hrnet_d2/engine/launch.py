@@ -24,7 +24,7 @@ from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
 
 from cbam_hrnet_d2.device import hide_gpus as must_hide_gpus
-from cbam_hrnet_d2.engine.lock import OutputDirBusy, claim_output_dir
+from cbam_hrnet_d2.engine.lock import DEFAULT_LEASE_S, OutputDirBusy, claim_output_dir
 from cbam_hrnet_d2.engine.preemption import STOP_SIGNALS
 
 __all__ = ["launch", "check_num_gpus", "launch_run"]
@@ -102,6 +102,7 @@ def launch_run(
     device: str,
     output_dir: str,
     output_dir_opts: Callable[[str], List[str]],
+    lock_lease_s: float = DEFAULT_LEASE_S,
 ) -> None:
     """What ``train_net.py`` and ``lazy_train_net.py`` do with the parsed ``args`` of detectron2's
     argument parser: hold ``output_dir`` for the run (machine 0 only; :mod:`.lock`), send an
@@ -109,7 +110,7 @@ def launch_run(
     (``output_dir_opts(folder)`` gives the overrides that say so), then :func:`launch`
     ``main_func(args)`` on ``device``."""
     claim = (
-        claim_output_dir(output_dir, eval_only=args.eval_only)
+        claim_output_dir(output_dir, eval_only=args.eval_only, lease_s=lock_lease_s)
         if args.machine_rank == 0
         else contextlib.nullcontext(output_dir)
     )

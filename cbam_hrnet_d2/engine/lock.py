@@ -7,10 +7,15 @@ and metrics interleaved, nothing said. :func:`claim_output_dir` (called by ``tra
 ``OUTPUT_DIR/run.lock`` with the holder's host, process id, start time and command, created with
 ``O_EXCL`` so that of two simultaneous starts exactly one wins.
 
-* A training run into a folder held by a live process stops with an error naming the holder.
-* A lock left by a process that died (same host, no such process) is taken over with a warning; a
-  lock from another host cannot be checked and is refused, naming the host and the file to delete
-  if that job is gone.
+* **A lease.** The holding process renews the lock every third of its lease (``RUN_LOCK.
+  LEASE_SECONDS``, 180 s by default): the file's modification time is the heartbeat. A lock not
+  renewed for longer than its lease is stale on any host, and is taken over with a warning naming
+  the old holder: a job killed by SIGKILL, out-of-memory or a lost node and requeued by SLURM or
+  Kubernetes on another node (another hostname, a new container) starts by itself once the lease
+  has run out.
+* A training run into a folder held by a live process (a renewed lock, or one of this host whose
+  process is alive) stops with an error naming the holder.
+* A lock left by a process that died on this host is taken over at once, with a warning.
 * ``--eval-only`` into a held folder writes into its own sub-folder
   ``OUTPUT_DIR/eval_<host>_<pid>/`` instead (evaluating a checkpoint while training continues is
   normal), and says so.
@@ -23,14 +28,16 @@ import os
 import shlex
 import socket
 import sys
+import threading
 import time
 from typing import Iterator, Optional
 
-__all__ = ["LOCK_FILE", "OutputDirBusy", "read_lock", "claim_output_dir"]
+__all__ = ["LOCK_FILE", "DEFAULT_LEASE_S", "OutputDirBusy", "read_lock", "claim_output_dir"]
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
+DEFAULT_LEASE_S = 180.0  # RUN_LOCK.LEASE_SECONDS
 
 
 class OutputDirBusy(RuntimeError):
@@ -59,10 +66,44 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _holder_is_dead(holder: dict) -> bool:
+def _seconds_since_renewed(path: str) -> float:
+    try:
+        return time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _why_stale(holder: dict, path: str, lease_s: float) -> Optional[str]:
+    """Why the lock at ``path`` no longer holds, or None where it does."""
     if not holder:
-        return True
-    return holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1)))
+        return "unreadable lock file"
+    idle = _seconds_since_renewed(path)
+    if idle > lease_s:
+        return f"not renewed for {idle:.0f} s, longer than its lease of {lease_s:.0f} s"
+    if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
+        return "its process is gone"
+    return None
+
+
+class _Renewer:
+    """Touches the lock file every ``period`` seconds in a daemon thread until stopped."""
+
+    def __init__(self, path: str, period: float):
+        self._path, self._period = path, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="run.lock lease", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            try:
+                os.utime(self._path)
+            except OSError as e:  # removed by hand, or the disk went away: say so, keep going
+                logger.warning("Could not renew %s (%s)", self._path, e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _describe(holder: dict) -> str:
@@ -84,11 +125,15 @@ def _try_create(path: str, me: dict) -> bool:
 
 
 @contextlib.contextmanager
-def claim_output_dir(output_dir: str, *, eval_only: bool = False) -> Iterator[str]:
+def claim_output_dir(
+    output_dir: str, *, eval_only: bool = False, lease_s: float = DEFAULT_LEASE_S
+) -> Iterator[str]:
     """Hold ``output_dir`` for this run; yields the folder the run must write to (``output_dir``,
-    or for ``eval_only`` into a held folder, a sub-folder of its own). The lock is removed when
-    the block exits, whatever the exit. Raises :class:`OutputDirBusy` for a training run into a
-    held folder."""
+    or for ``eval_only`` into a held folder, a sub-folder of its own). The lock is renewed every
+    ``lease_s / 3`` seconds while the block runs and removed when it exits, whatever the exit.
+    Raises :class:`OutputDirBusy` for a training run into a held folder."""
+    if not lease_s > 0:
+        raise ValueError(f"RUN_LOCK.LEASE_SECONDS = {lease_s!r} must be > 0 (e.g. 180)")
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_FILE)
     host, pid = socket.gethostname(), os.getpid()
@@ -104,11 +149,13 @@ def claim_output_dir(output_dir: str, *, eval_only: bool = False) -> Iterator[st
         holder = read_lock(output_dir)
         if holder is None:
             continue  # released meanwhile
-        if _holder_is_dead(holder):
+        why = _why_stale(holder, path, lease_s)
+        if why:
             logger.warning(
-                "Taking over %s: its holder is gone (%s)",
+                "Taking over %s: its holder is gone (%s; %s)",
                 path,
-                _describe(holder) if holder else "unreadable lock file",
+                why,
+                _describe(holder) if holder else "no holder recorded",
             )
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
@@ -126,21 +173,24 @@ def claim_output_dir(output_dir: str, *, eval_only: bool = False) -> Iterator[st
             return
         other_host = holder.get("host") != host
         raise OutputDirBusy(
-            f"OUTPUT_DIR {output_dir} is in use by {_describe(holder)}. Two runs in one folder "
-            "would interleave their checkpoints and metrics: give this run another OUTPUT_DIR, or "
-            "wait for that one to end"
+            f"OUTPUT_DIR {output_dir} is in use by {_describe(holder)}, which renewed its lock "
+            f"{_seconds_since_renewed(path):.0f} s ago. Two runs in one folder would interleave "
+            "their checkpoints and metrics: give this run another OUTPUT_DIR, or wait for that one "
+            "to end"
             + (
-                f". The holder runs on another host, which this machine cannot check: if that job "
-                f"is gone, delete {path}"
+                f". The holder runs on another host: if that job is gone, its lock is taken over "
+                f"once it is {lease_s:.0f} s old (RUN_LOCK.LEASE_SECONDS), or delete {path}"
                 if other_host
                 else ""
             )
         )
     else:
         raise OutputDirBusy(f"could not take {path}: other processes keep claiming it")
+    renewer = _Renewer(path, lease_s / 3)
     try:
         yield output_dir
     finally:
+        renewer.stop()
         if read_lock(output_dir) == me:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)

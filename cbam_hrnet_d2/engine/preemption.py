@@ -37,14 +37,13 @@ class TrainingStopped(SystemExit):
     is written; exits the process with ``128 + signal``."""
 
 
-def _any_process(flag: bool) -> bool:
-    """``flag`` OR-ed over all processes: one all-reduce of one integer, on the GPU with NCCL."""
+def _any_process(flag: bool, group=None) -> bool:
+    """``flag`` OR-ed over all processes: one all-reduce of one integer on the CPU, over ``group``
+    (a gloo group in NCCL runs, so that asking costs no CUDA synchronisation)."""
     if comm.get_world_size() == 1:
         return flag
-    on_gpu = dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item())
 
 
@@ -65,6 +64,7 @@ class Preemption(HookBase):
         self._message: Optional[str] = None
         self.received: Optional[int] = None  # the first stop signal received during training
         self._agreed: Optional[Tuple[int, bool]] = None  # (iteration, answer) of the last agreement
+        self._group = None  # the gloo group of the agreement in an NCCL run
 
     def _on_signal(self, signum, _frame) -> None:
         if self.received is None:
@@ -77,17 +77,21 @@ class Preemption(HookBase):
 
     def stop_requested(self) -> bool:
         """Whether any process received a stop signal before the end of this iteration. With
-        several processes a collective (one all-reduce of one integer per iteration): every process
-        calls it at the same point of an iteration; the answer is kept for the iteration, so later
+        several processes a collective (one all-reduce of one integer per iteration, on the CPU
+        over gloo: no CUDA synchronisation in an NCCL run): every process calls it at the same
+        point of an iteration; the answer is kept for the iteration, so later
         calls in the same iteration (ExactResume's, this hook's) agree with the first and cost
         nothing."""
         it = self.trainer.iter
         if self._agreed is None or self._agreed[0] != it:
-            self._agreed = (it, _any_process(self.received is not None))
+            self._agreed = (it, _any_process(self.received is not None, self._group))
         return self._agreed[1]
 
     def before_train(self):
         self.received, self._agreed = None, None
+        if comm.get_world_size() > 1 and dist.get_backend() == "nccl" and self._group is None:
+            # every process runs before_train: the group is created collectively, once
+            self._group = dist.new_group(backend="gloo")
         self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
 
     def after_train(self):

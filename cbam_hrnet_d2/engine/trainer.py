@@ -138,6 +138,7 @@ class Trainer(DefaultTrainer):
             exact_resume=cfg.DATALOADER.EXACT_RESUME,
             checkpoint_period=cfg.SOLVER.CHECKPOINT_PERIOD,
             before_checkpoint=[precise_bn],
+            ema_decay=cfg.MODEL_EMA.DECAY if cfg.MODEL_EMA.ENABLED else None,
         )
 
     @classmethod

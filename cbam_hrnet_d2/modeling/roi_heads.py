@@ -38,5 +38,10 @@ class CappedMaskROIHeads(StandardROIHeads):
         k = self.mask_positives_per_image
         if self.training and self.mask_on and k > 0:
             instances, _ = select_foreground_proposals(instances, self.num_classes)
-            instances = [x[torch.randperm(len(x))[:k]] if len(x) > k else x for x in instances]
+            # drawn on the RoIs' device: no host round trip for CUDA RoIs (the CPU stream of a CPU
+            # run is the one it always was)
+            instances = [
+                x[torch.randperm(len(x), device=x.proposal_boxes.device)[:k]] if len(x) > k else x
+                for x in instances
+            ]
         return super()._forward_mask(features, instances)
