@@ -61,7 +61,7 @@ class TestAblationReport(unittest.TestCase):
         write_record(self.runs, "hard_aug", 42, 65, 39)
         md, data = self.report(["cbam_branches", "no_cbam", "hard_aug"])
         self.assertEqual(sorted(data), ["cbam_branches", "hard_aug"])  # no records: no row
-        lines = [x for x in md.splitlines() if x.startswith("- ")]
+        lines = [x for x in md.splitlines() if x.startswith("- ") and " vs " in x]
         self.assertEqual(len(lines), 1, md)  # the seed design has no baseline records
         self.assertIn("vs CBAM on HRNet-W18 branches (seed design) (1 vs 2 seeds)", lines[0])
         self.assertIn("val bbox -5.5 (one seed, no reading)", lines[0])
@@ -92,3 +92,33 @@ class TestAblationReport(unittest.TestCase):
             r"torch 2\.",
         )
         self.assertRegex(text, r"code ([0-9a-f]{7,}|unknown)")
+
+
+class TestPairedReading(unittest.TestCase):
+    def test_the_paired_difference_has_a_t_interval_and_says_what_it_shows(self):
+        a = {42: 71.0, 1: 72.0, 2: 73.0, 3: 72.0, 4: 72.0}
+        b = {42: 70.0, 1: 70.0, 2: 70.0, 3: 70.0, 4: 70.0, 5: 60.0}  # seed 5 has no pair
+        seeds, mean, half = ablation.paired_interval(a, b)
+        self.assertEqual(seeds, [1, 2, 3, 4, 42])
+        self.assertAlmostEqual(mean, 2.0)
+        # t(0.975, 4) = 2.776, sd of (1, 2, 3, 2, 2) = sqrt(0.5)
+        self.assertAlmostEqual(half, 2.776 * 0.5**0.5 / 5**0.5, places=6)
+        self.assertEqual(ablation.paired_interval({1: 3.0}, {1: 1.0}), ([1], 2.0, None))
+
+    def test_the_report_reads_each_row_against_its_baseline_with_val1k(self):
+        with tempfile.TemporaryDirectory() as d:
+            runs = os.path.join(d, "runs")
+            for seed, (cbam, plain) in {1: (70, 71), 2: (69, 72), 3: (71, 71)}.items():
+                write_record(
+                    runs, "cbam_branches", seed, cbam, 30, val1k={"bbox_AP": cbam, "segm_AP": 60}
+                )
+                write_record(
+                    runs, "no_cbam", seed, plain, 30, val1k={"bbox_AP": plain, "segm_AP": 60}
+                )
+            md = ablation.report("full", ["cbam_branches", "no_cbam"], [1, 2, 3], d, runs=runs)
+        line = next(x for x in md.splitlines() if x.startswith("- CBAM on HRNet-W18 branches (seed design) −"))
+        self.assertIn("3 paired seeds", line)
+        # differences -1, -3, 0: mean -1.3, interval contains 0
+        self.assertRegex(line, r"val bbox -1\.3 \[-5\.\d, \+2\.\d\] \(contains 0: unknown\)")
+        self.assertIn("val1k bbox -1.3", line)
+        self.assertIn("hard bbox +0.0", line)

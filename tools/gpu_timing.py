@@ -61,41 +61,46 @@ ROWS = {
 }
 
 
-def _median_seconds(fn, warmup: int, iters: int) -> float:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_seconds(fn, warmup: int, iters: int, device: str = "cuda") -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
-        torch.cuda.synchronize()
+        _sync(device)
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def build(config, opts, speedups):
+def build(config, opts, speedups, device="cuda", size=(800, 1216)):
     torch.manual_seed(0)
     cfg = load_cfg(config, opts)
-    cfg.MODEL.DEVICE = "cuda"
+    cfg.MODEL.DEVICE = device
     model = build_model(cfg)
-    calibrate_norm_statistics(model.backbone, torch.rand(1, 3, 800, 1216).cuda() * 2 - 1)
+    calibrate_norm_statistics(model.backbone, torch.rand(1, 3, *size).to(device) * 2 - 1)
     # the CUDA model has no CPU layer (meta_arch); each row turns on only the switches it names
     all_off = dict.fromkeys(CPU_SPEEDUPS, False)
     return cfg, cpu_speedups(model, **{**all_off, **speedups})
 
 
-def time_eval(config, opts, speedups, h, w, iters) -> float:
-    cfg, model = build(config, opts, speedups)
+def time_eval(config, opts, speedups, h, w, iters, device="cuda") -> float:
+    cfg, model = build(config, opts, speedups, device, (h, w))
     model.eval()
     x = model.preprocess_image([{"image": torch.rand(3, h, w) * 255}]).tensor
     whole = FixedWork(model, h, w)
     with torch.inference_mode():
-        return _median_seconds(lambda: whole(x), 3, iters)
+        return _median_seconds(lambda: whole(x), 3, iters, device)
 
 
-def time_train(config, opts, speedups, amp, h, w, iters):
-    cfg, model = build(config, opts, speedups)
+def time_train(config, opts, speedups, amp, h, w, iters, device="cuda"):
+    cfg, model = build(config, opts, speedups, device, (h, w))
     model.proposal_generator = FixedProposals(
         model.proposal_generator, cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN
     )
@@ -105,16 +110,18 @@ def time_train(config, opts, speedups, amp, h, w, iters):
     dtype = AMP_PRECISIONS.get(amp)
 
     def step():
-        with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None):
+        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             loss = sum(model(data).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    torch.cuda.reset_peak_memory_stats()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     with EventStorage():
-        seconds = _median_seconds(step, 3, iters)
-    return seconds, torch.cuda.max_memory_allocated() / 2**20
+        seconds = _median_seconds(step, 3, iters, device)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+    return seconds, peak
 
 
 def main() -> None:
@@ -122,25 +129,36 @@ def main() -> None:
     parser.add_argument("--size", nargs=2, type=int, default=[800, 1216])
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", default="output/gpu_check")
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: the plumbing only (tools/gpu_check.sh --dry-run); the CPU model has its layer",
+    )
+    parser.add_argument("--rows", type=int, default=len(ROWS), help="the first N rows only")
     args = parser.parse_args()
     setup_logger(name="cbam_hrnet_d2")
     h, w = args.size
     rows = []
-    for i, (name, (config, opts, speedups, amp)) in enumerate(ROWS.items()):
-        logger.info("[%d/%d] %s", i + 1, len(ROWS), name)
+    chosen = list(ROWS.items())[: args.rows]
+    for i, (name, (config, opts, speedups, amp)) in enumerate(chosen):
+        logger.info("[%d/%d] %s", i + 1, len(chosen), name)
         row = {"row": name}
         try:
-            row["eval_s_per_image"] = time_eval(config, opts, speedups, h, w, args.iters)
+            row["eval_s_per_image"] = time_eval(
+                config, opts, speedups, h, w, args.iters, args.device
+            )
             row["train_s_per_iter"], row["train_peak_gpu_mib"] = time_train(
-                config, opts, speedups, amp, h, w, args.iters
+                config, opts, speedups, amp, h, w, args.iters, args.device
             )
         except Exception as e:  # one failing row must not cost the others: report it
             logger.exception("row %s failed", name)
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
-        torch.cuda.empty_cache()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     meta = {
-        "gpu": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
         "size": [h, w],
         "iters": args.iters,
@@ -153,6 +171,9 @@ def main() -> None:
     with open(os.path.join(args.out, "gpu_timing.md"), "w") as f:
         f.write(md + "\n")
     logger.info("GPU timing:\n%s", md)
+    failed = [r["row"] for r in rows if "error" in r]
+    if failed:  # the table is written either way; the step's exit status says it is incomplete
+        raise SystemExit(f"{len(failed)} row(s) failed: {failed}")
 
 
 if __name__ == "__main__":

@@ -24,11 +24,12 @@ import logging
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from tabulate import tabulate
 
@@ -139,8 +140,34 @@ def ensure_hard_set() -> None:
     subprocess.run(cmd, check=True)
 
 
+def _eval_only(config: str, rows: List[str], weights: str, out: str, opts: List[str]) -> dict:
+    """bbox / segm AP of ``weights`` (``train_net.py --eval-only`` into ``out``)."""
+    _train_net(
+        ["--config-file", config, "--eval-only", *rows, "MODEL.WEIGHTS", weights]
+        + ["OUTPUT_DIR", out, *opts],
+        os.path.join(out + "_stdout.txt"),
+    )
+    return _aps(os.path.join(out, "results.json"))
+
+
+def _raw_weights(out: str) -> Optional[str]:
+    """Where MODEL_EMA trained the run: its raw (not averaged) final weights, written next to
+    model_final.pth (which holds the average) as model_final_raw.pth; None without MODEL_EMA."""
+    import torch
+
+    final = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=True)
+    raw = final.get("trainer", {}).get("hooks", {}).get("ModelEMA", {}).get("raw")
+    if raw is None:
+        return None
+    path = os.path.join(out, "model_final_raw.pth")
+    torch.save({"model": raw}, path)
+    return path
+
+
 def run_one(budget: str, row: str, seed: int, out: str) -> dict:
-    """Train, evaluate on shapes_val (in training) and shapes_val_hard; return the record."""
+    """Train, evaluate on shapes_val (in training), shapes_val_hard and shapes_val1k (and, with
+    MODEL_EMA, the raw weights on shapes_val and shapes_val1k too); return the record, which keeps
+    the run's loss curve (metrics.json) beside it."""
     os.makedirs(out, exist_ok=True)
     config = BUDGETS[budget][0]
     start = time.time()
@@ -151,30 +178,37 @@ def run_one(budget: str, row: str, seed: int, out: str) -> dict:
     # --resume: a run stopped part-way (a session that ended) continues from its last checkpoint
     _train_net(["--resume", *train, "TEST.EVAL_PERIOD", "0"], os.path.join(out, "stdout.txt"))
     wall = time.time() - start
-    hard_out = os.path.join(out, "hard")
     weights = os.path.join(out, "model_final.pth")
-    _train_net(
-        ["--config-file", config, "--eval-only", *rows, "MODEL.WEIGHTS", weights]
-        + ["OUTPUT_DIR", hard_out, *HARD_OPTS],
-        os.path.join(out, "stdout_hard.txt"),
-    )
+    val1k = ["DATASETS.TEST", "('shapes_val1k',)"]
+    record = {
+        "val": _aps(os.path.join(out, "results.json")),
+        "hard": _eval_only(config, rows, weights, os.path.join(out, "hard"), HARD_OPTS),
+        "val1k": _eval_only(config, rows, weights, os.path.join(out, "val1k"), val1k),
+    }
+    raw = _raw_weights(out)
+    if raw:
+        record["raw"] = {
+            "val": _eval_only(config, rows, raw, os.path.join(out, "raw_val"), []),
+            "val1k": _eval_only(config, rows, raw, os.path.join(out, "raw_val1k"), val1k),
+        }
     with open(os.path.join(out, "log.txt")) as f:
         log = f.read()
     total = re.findall(r"Total inference time: ([0-9:.]+)", log)[-1]
     pure = re.findall(r"Total inference pure compute time: .*?\(([0-9.]+) s / iter", log)[-1]
-    record = {
-        "val": _aps(os.path.join(out, "results.json")),
-        "hard": _aps(os.path.join(hard_out, "results.json")),
-        "infer_ms": float(pure) * 1000,
-        "train_min": (wall - _seconds(total)) / 60,
-        "finished": time.strftime("%Y-%m-%d %H:%M"),
-        "command": " ".join(["python train_net.py", *train]).replace(REPO + os.sep, ""),
-        "machine": machine(),
-    }
+    record.update(
+        {
+            "infer_ms": float(pure) * 1000,
+            "train_min": (wall - _seconds(total)) / 60,
+            "finished": time.strftime("%Y-%m-%d %H:%M"),
+            "command": " ".join(["python train_net.py", *train]).replace(REPO + os.sep, ""),
+            "machine": machine(),
+        }
+    )
     path = record_path(budget, row, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
+    shutil.copy(os.path.join(out, "metrics.json"), path[: -len(".json")] + ".metrics.json")
     return record
 
 
@@ -184,6 +218,55 @@ METRICS = {
     "hard_bbox_AP": "hard bbox",
     "hard_segm_AP": "hard segm",
 }
+# the paired reading also takes shapes_val1k where the records have it (budgets from 2026-12-05)
+PAIRED_METRICS = {**METRICS, "val1k_bbox_AP": "val1k bbox", "val1k_segm_AP": "val1k segm"}
+# two-sided 95% quantiles of Student's t by degrees of freedom (n seeds - 1)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired_interval(a: Dict[int, float], b: Dict[int, float]):
+    """The paired difference ``a - b`` over the seeds both have: (seeds, mean, half-width of its
+    95% t interval), the half-width None below two seeds."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    if not diffs:
+        return seeds, None, None
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return seeds, mean, None
+    half = T975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return seeds, mean, half
+
+
+def paired_reading(found: Dict[str, Dict[int, dict]]) -> List[str]:
+    """One line per row against its baseline: per metric the paired difference over the common
+    seeds with its 95% t interval, and what the interval says (above zero, below zero, or
+    containing it: unknown)."""
+    lines = []
+    for row, runs in found.items():
+        base_row = BASELINES.get(row, BASELINE)
+        base = found.get(base_row)
+        if row == base_row or base is None:
+            continue
+        parts = []
+        for key, label in PAIRED_METRICS.items():
+            split, ap = key.split("_", 1)
+            a = {s: r[split][ap] for s, r in runs.items() if split in r}
+            b = {s: r[split][ap] for s, r in base.items() if split in r}
+            seeds, mean, half = paired_interval(a, b)
+            if mean is None:
+                continue
+            if half is None:
+                parts.append(f"{label} {mean:+.1f} (one seed: no interval)")
+                continue
+            low, high = mean - half, mean + half
+            says = "above 0" if low > 0 else "below 0" if high < 0 else "contains 0: unknown"
+            parts.append(f"{label} {mean:+.1f} [{low:+.1f}, {high:+.1f}] ({says})")
+        if parts:
+            title, base_title = ROWS[row][0], ROWS[base_row][0]
+            n = len(set(runs) & set(base))
+            lines.append(f"- {title} − {base_title}, {n} paired seeds: " + "; ".join(parts))
+    return lines
 
 
 def _mean_spread(values):
@@ -248,7 +331,7 @@ def reading(values: Dict[str, Dict[str, List[float]]]) -> List[str]:
 def report(budget: str, rows, seeds, dest: str, runs: str = RUNS) -> str:
     """results_BUDGET.md / .json from the committed records; returns the Markdown: the table and
     the reading of each row against its baseline, where that has records."""
-    table, data, values_of = [], {}, {}
+    table, data, values_of, found_of = [], {}, {}, {}
     for row in rows:
         found = {}
         for seed in seeds:
@@ -258,6 +341,7 @@ def report(budget: str, rows, seeds, dest: str, runs: str = RUNS) -> str:
                     found[seed] = json.load(f)
         if not found:
             continue
+        found_of[row] = found
         values = values_of[row] = _values(found)
         stats = {k: _mean_spread(v) for k, v in values.items() if v}
         data[row] = {"seeds": found, "mean_spread": stats}
@@ -280,10 +364,16 @@ def report(budget: str, rows, seeds, dest: str, runs: str = RUNS) -> str:
     headers += ["infer ms/img (range)", "train min (range)", "per seed (val/hard bbox)"]
     md = tabulate(table, headers=headers, tablefmt="pipe", disable_numparse=True)
     lines = reading(values_of)
+    paired = paired_reading(found_of)
     os.makedirs(dest, exist_ok=True)
     if lines:
         md += "\n\nEach row against its baseline (difference of the means, AP):\n\n" + "\n".join(
             lines
+        )
+    if paired:
+        md += (
+            "\n\nPaired differences (same seeds, row − baseline; mean and 95% t interval over "
+            "the seeds):\n\n" + "\n".join(paired)
         )
     for name, text in (
         (f"results_{budget}.md", md + "\n"),
