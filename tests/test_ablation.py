@@ -116,7 +116,11 @@ class TestPairedReading(unittest.TestCase):
                     runs, "no_cbam", seed, plain, 30, val1k={"bbox_AP": plain, "segm_AP": 60}
                 )
             md = ablation.report("full", ["cbam_branches", "no_cbam"], [1, 2, 3], d, runs=runs)
-        line = next(x for x in md.splitlines() if x.startswith("- CBAM on HRNet-W18 branches (seed design) −"))
+        line = next(
+            x
+            for x in md.splitlines()
+            if x.startswith("- CBAM on HRNet-W18 branches (seed design) −")
+        )
         self.assertIn("3 paired seeds", line)
         # differences -1, -3, 0: mean -1.3, interval contains 0
         self.assertRegex(line, r"val bbox -1\.3 \[-5\.\d, \+2\.\d\] \(contains 0: unknown\)")

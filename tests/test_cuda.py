@@ -62,6 +62,23 @@ class TestModelOnCuda(unittest.TestCase):
                 weight = model.backbone.bottom_up.trunk.conv1.weight
                 self.assertTrue(weight.is_contiguous())  # NCHW, detectron2's layout
 
+    def test_bf16_heads_put_on_a_cuda_model_autocast_on_cuda(self):
+        # the hooks autocast on the device of the head's weights (on "cpu" they would run fp32)
+        from cbam_hrnet_d2.cpu import cpu_speedups
+
+        cfg = get_config(SHAPES_CONFIG, ["TEST.PRECISION", "bf16"], device="cuda")
+        model = build_model(cfg).eval()
+        off = dict(channels_last=False, sparse_roi_align=False, fold_bn=False)
+        cpu_speedups(model, **off, bf16_heads=True)
+        fc = next(m for m in model.roi_heads.box_head.modules() if isinstance(m, torch.nn.Linear))
+        seen = []
+        fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        model.roi_heads.box_predictor.test_score_thresh = 0.0
+        with torch.no_grad():
+            out = model([{"image": torch.rand(3, 128, 160) * 255}])[0]["instances"]
+        self.assertEqual(seen[:1], [torch.bfloat16])
+        self.assertEqual(out.scores.dtype, torch.float32)  # handed on in float32
+
     def test_build_and_forward_on_the_gpu_equal_the_cpu_model(self):
         torch.manual_seed(0)
         x = torch.rand(1, 3, 256, 320) * 2 - 1

@@ -11,10 +11,9 @@ instances left without pixels are dropped). Occlusion needs masks as pixels:
 :func:`with_rle_masks` turns polygon annotations into RLE (``INPUT.MASK_FORMAT "bitmask"``).
 
 Boxes are not recomputed from the masks wholesale (detectron2's ``recompute_boxes``): a mask
-rasterised from polygons is not the annotated box's pixels. On ``shapes_val`` the RLE of each
-polygon ends 1.19 / 1.29 px short of the json box on the right / bottom (mean over 669 instances,
-2026-12-01), so every training box shrank, in every image whatever ``INPUT.HARD_AUG.PROB``: that
-cost the 2026-11-25 runs 10 box AP at PROB 0.15 and at 0.05 alike.
+rasterised from polygons is not the annotated box's pixels (it ends about a pixel short of the json
+box on the right and bottom), so every training box would shrink, whatever ``INPUT.HARD_AUG.PROB``
+(measured in docs/cpu_recipe.md, "The HARD_AUG cost was a box bug").
 
 =========== ==========================================================================
 corruption  parameters (each drawn per image)

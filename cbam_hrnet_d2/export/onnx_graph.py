@@ -3,11 +3,10 @@
 torchvision's ``batched_nms`` is scripted while tracing (``torch.jit._script_if_tracing``): its
 ``if boxes.numel() == 0: return torch.empty((0,), dtype=torch.int64)`` becomes an ONNX ``If`` whose
 then-branch is a ``Constant`` with zero elements. OpenVINO 2026.4 returns such a branch output as
-one element of undefined value (found 2026-12-02: an image without detections got one detection
-with a score of -2e16 and class 1063172544; a six-line model with the same ``If`` reproduces it),
-while a ``ConstantOfShape`` of the same shape comes back empty. :func:`empty_constants_as_fills`
-writes every zero-element ``Constant`` inside an ``If`` branch as that ``ConstantOfShape``: the same
-value for every ONNX runtime (tests/test_export.py runs both on an image without detections).
+one element of undefined value (an image without detections got one bogus detection; the bisection
+is in docs/deploy.md), while a ``ConstantOfShape`` of the same shape comes back empty.
+:func:`empty_constants_as_fills` writes every zero-element ``Constant`` inside an ``If`` branch as
+that ``ConstantOfShape``: the same value for every ONNX runtime (tests/test_export.py runs both on an image without detections).
 """
 
 import numpy as np
