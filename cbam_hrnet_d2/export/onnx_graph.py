@@ -6,7 +6,8 @@ then-branch is a ``Constant`` with zero elements. OpenVINO 2026.4 returns such a
 one element of undefined value (an image without detections got one bogus detection; the bisection
 is in docs/deploy.md), while a ``ConstantOfShape`` of the same shape comes back empty.
 :func:`empty_constants_as_fills` writes every zero-element ``Constant`` inside an ``If`` branch as
-that ``ConstantOfShape``: the same value for every ONNX runtime (tests/test_export.py runs both on an image without detections).
+that ``ConstantOfShape``: the same value for every ONNX runtime (tests/test_export.py runs both
+on an image without detections).
 """
 
 import numpy as np
