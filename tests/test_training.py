@@ -135,6 +135,22 @@ class TestTrainEvalResume(TrainingTestCase):
             same = a == b or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 0.1
             self.assertTrue(same, (task, a, b))
 
+    def test_model_ema_trains_saves_the_average_and_keeps_the_raw_weights(self):
+        from cbam_hrnet_d2.checkpoint import load_tensor_file
+
+        out = self.out("ema")
+        opts = ["MODEL_EMA.ENABLED", True, "MODEL_EMA.DECAY", 0.9, "DATASETS.TEST", "()"]
+        proc = run_train_net(self.data_opts + opts + ["OUTPUT_DIR", out])
+        self.check(proc)
+        self.assertIn(
+            "MODEL_EMA: the model now holds the weights averaged", proc.stdout + proc.stderr
+        )
+        final = load_tensor_file(os.path.join(out, "model_final.pth"))
+        ema = final["trainer"]["hooks"]["ModelEMA"]
+        name = "roi_heads.box_predictor.cls_score.weight"
+        self.assertTrue(torch.equal(final["model"][name], ema["shadow"][name]))
+        self.assertFalse(torch.equal(final["model"][name], ema["raw"][name]))
+
     def test_resume_after_kill_restores_iteration_optimizer_and_lr(self):
         straight = self.out("straight")
         self.check(
