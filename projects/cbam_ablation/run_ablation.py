@@ -40,7 +40,7 @@ QUICKSTART = os.path.join(REPO, "configs", "shapes", "mask_rcnn_CBAM_HRNet_W18_F
 BUDGETS = {
     "400": (os.path.join(HERE, "configs", "Base-ablation.yaml"), [1, 2]),
     "full": (QUICKSTART, [42, 1, 2]),  # 42: the quickstart's own seed
-    # the candidate stable recipe of issue 36 (EMA + clipping), five seeds a row
+    # the candidate stable recipe of issue 36 (step at 900 + EMA), five seeds a row
     "stable": (os.path.join(HERE, "configs", "stable.yaml"), [42, 1, 2, 3, 4]),
 }
 _R50 = [
