@@ -86,7 +86,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run it under its limit, record it; ret
   echo "== $name (limit ${limit}s)"
   local start rc
   start=$(date +%s)
-  timeout "$limit" "$@"
+  timeout -k 5 "$limit" "$@"  # SIGTERM (a training stops with a checkpoint), SIGKILL 5 s later
   rc=$?
   local took=$(( $(date +%s) - start ))
   echo "== $name: exit $rc after ${took} s"
@@ -146,17 +146,19 @@ step cuda_tests 150 $PY -m pytest -q -m cuda -k "not TestEvalOnCuda" tests/test_
 
 # 5. timing table (90 s; dry run: two rows on the CPU at 128x192, one round)
 if [ $DRY -eq 1 ]; then
-  step timing 90 $PY tools/gpu_timing.py --out "$OUT" --device cpu --size 128 192 --iters 1 --rows 2
+  step timing 90 $PY tools/gpu_timing.py --out "$OUT" --device cpu --size 128 192 --iters 1 \
+    --warmup 0 --rows 2
 else
   step timing 90 $PY tools/gpu_timing.py --out "$OUT" --iters 5
 fi
 
-# 6. a short quickstart on the GPU (120 s: 500 iterations, step at 420; dry run: 2 iterations), the
-# model the evaluation tests read
+# 6. a short quickstart on the GPU (120 s: 500 iterations, step at 420, evaluated; dry run: 2
+# iterations on the validation images, not evaluated: a random model's detections make a CPU
+# evaluation take minutes), the model the evaluation tests read
 QS="$WORK/quickstart"
 if [ $DRY -eq 1 ]; then
   QS_OPTS=(MODEL.DEVICE cpu SOLVER.MAX_ITER 2 SOLVER.STEPS "(1,)" SOLVER.IMS_PER_BATCH 2
-    DATALOADER.NUM_WORKERS 0 DATASETS.TRAIN "('shapes_val',)")
+    DATALOADER.NUM_WORKERS 0 DATASETS.TRAIN "('shapes_val',)" DATASETS.TEST "()")
 else
   QS_OPTS=(MODEL.DEVICE cuda SOLVER.MAX_ITER 500 SOLVER.STEPS "(420,)" DATALOADER.NUM_WORKERS 8)
 fi

@@ -90,16 +90,16 @@ def build(config, opts, speedups, device="cuda", size=(800, 1216)):
     return cfg, cpu_speedups(model, **{**all_off, **speedups})
 
 
-def time_eval(config, opts, speedups, h, w, iters, device="cuda") -> float:
+def time_eval(config, opts, speedups, h, w, iters, device="cuda", warmup=3) -> float:
     cfg, model = build(config, opts, speedups, device, (h, w))
     model.eval()
     x = model.preprocess_image([{"image": torch.rand(3, h, w) * 255}]).tensor
     whole = FixedWork(model, h, w)
     with torch.inference_mode():
-        return _median_seconds(lambda: whole(x), 3, iters, device)
+        return _median_seconds(lambda: whole(x), warmup, iters, device)
 
 
-def time_train(config, opts, speedups, amp, h, w, iters, device="cuda"):
+def time_train(config, opts, speedups, amp, h, w, iters, device="cuda", warmup=3):
     cfg, model = build(config, opts, speedups, device, (h, w))
     model.proposal_generator = FixedProposals(
         model.proposal_generator, cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN
@@ -119,7 +119,7 @@ def time_train(config, opts, speedups, amp, h, w, iters, device="cuda"):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with EventStorage():
-        seconds = _median_seconds(step, 3, iters, device)
+        seconds = _median_seconds(step, warmup, iters, device)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
     return seconds, peak
 
@@ -136,6 +136,7 @@ def main() -> None:
         help="cpu: the plumbing only (tools/gpu_check.sh --dry-run); the CPU model has its layer",
     )
     parser.add_argument("--rows", type=int, default=len(ROWS), help="the first N rows only")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before the timed ones")
     args = parser.parse_args()
     setup_logger(name="cbam_hrnet_d2")
     h, w = args.size
@@ -146,10 +147,10 @@ def main() -> None:
         row = {"row": name}
         try:
             row["eval_s_per_image"] = time_eval(
-                config, opts, speedups, h, w, args.iters, args.device
+                config, opts, speedups, h, w, args.iters, args.device, args.warmup
             )
             row["train_s_per_iter"], row["train_peak_gpu_mib"] = time_train(
-                config, opts, speedups, amp, h, w, args.iters, args.device
+                config, opts, speedups, amp, h, w, args.iters, args.device, args.warmup
             )
         except Exception as e:  # one failing row must not cost the others: report it
             logger.exception("row %s failed", name)
