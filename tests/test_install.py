@@ -63,3 +63,13 @@ class TestDeclaredDependencies(unittest.TestCase):
         with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
             deps = tomllib.load(f)["project"]["dependencies"]
         self.assertEqual([d for d in deps if ">=" not in d], [])
+
+    def test_numpy_is_held_below_2_as_detectron2_declares(self):
+        # pip would otherwise upgrade numpy past Detectron2's own numpy<2 (for opencv >= 4.12)
+        with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+            deps = tomllib.load(f)["project"]["dependencies"]
+        numpy = [d for d in deps if _dist_name(d) == "numpy"]
+        self.assertEqual(len(numpy), 1)
+        self.assertIn("<2", numpy[0])
+        opencv = [d for d in deps if _dist_name(d) == "opencv-python-headless"]
+        self.assertIn("<4.12", opencv[0])
