@@ -69,7 +69,7 @@ def do_train(args, cfg):
     logger.info("Trainer: %s", type(trainer).__name__)
     checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.checkpointer = checkpointer  # the Preemption hook saves through it
-    ema = cfg.train.get("model_ema", {})  # MODEL_EMA of the YAML configs: enabled, decay
+    ema = cfg.train.get("model_ema", {})  # MODEL_EMA of the YAML configs: enabled, decay, period
     trainer.register_hooks(
         build_training_hooks(
             checkpointer=checkpointer,
@@ -85,6 +85,7 @@ def do_train(args, cfg):
             max_to_keep=cfg.train.checkpointer.get("max_to_keep"),
             log_period=cfg.train.log_period,
             ema_decay=ema.get("decay", 0.999) if ema.get("enabled", False) else None,
+            ema_period=ema.get("period", 10),
         )
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)

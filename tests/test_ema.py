@@ -30,14 +30,14 @@ class Toy(nn.Module):
 DATA = [torch.randn(3, 4, generator=torch.Generator().manual_seed(0))]
 
 
-def make(out=None, decay=0.8, evals=None):
+def make(out=None, decay=0.8, evals=None, period=1):
     """(model, trainer, ema hook) of a fresh run; checkpoints every 3 steps into ``out``."""
     torch.manual_seed(0)
     model = Toy()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     # one batch: a resumed run sees the same data (ExactResume replays real streams)
     trainer = SimpleTrainer(model, itertools.repeat(DATA[0]), opt)
-    ema = ModelEMA(decay)
+    ema = ModelEMA(decay, period)
     listed = [ema]
     if out:
         os.makedirs(out, exist_ok=True)
@@ -71,6 +71,21 @@ class TestModelEMA(unittest.TestCase):
             torch.testing.assert_close(ema.raw[k], raw[-1][k])  # which the hook keeps
         self.assertEqual(int(final["steps"]), 5)  # integer buffers are the model's own
 
+    def test_a_period_moves_the_average_every_k_steps_and_after_the_last(self):
+        model, trainer, ema = make(period=3)
+        start = weights(model)
+        raw = []
+        trainer.register_hooks([_Record(raw, ema)])
+        trainer.train(0, 5)  # moves after steps 3 and 5 (the last), by d**3 and d**2
+        expected = {k: start[k] for k in ("lin.weight", "lin.bias")}
+        for n, k in ((3, 3), (5, 2)):
+            d = min(0.8, (1 + n) / (10 + n)) ** k
+            expected = {name: d * v + (1 - d) * raw[n - 1][name] for name, v in expected.items()}
+        for name, v in expected.items():
+            torch.testing.assert_close(model.state_dict()[name], v)
+        with self.assertRaisesRegex(ValueError, r"MODEL_EMA.PERIOD = 0 must be an integer >= 1"):
+            ModelEMA(0.9, 0)
+
     def test_evaluations_run_the_average_and_put_the_raw_weights_back(self):
         seen = []
         model, trainer, ema = make(evals=seen)
@@ -82,11 +97,14 @@ class TestModelEMA(unittest.TestCase):
 
     def test_a_resumed_run_continues_the_average_exactly(self):
         with tempfile.TemporaryDirectory() as d:
-            whole, trainer, _ = make(os.path.join(d, "whole"))
+            # a period of 2 across the checkpoint after step 3: one step pending when it is written
+            whole, trainer, _ = make(os.path.join(d, "whole"), period=2)
             trainer.train(0, 6)
-            part, trainer, _ = make(os.path.join(d, "part"))
-            trainer.train(0, 3)  # stops after the checkpoint of step 3
-            resumed, trainer, ema = make(os.path.join(d, "part"))
+            part, trainer, _ = make(os.path.join(d, "part"), period=2)
+            trainer.register_hooks([_StopAfter(2)])  # killed after the checkpoint of step 3
+            with self.assertRaises(_Stopped):
+                trainer.train(0, 6)
+            resumed, trainer, ema = make(os.path.join(d, "part"), period=2)
             trainer.checkpointer.resume_or_load("", resume=True)
             self.assertEqual(ema.updates, 3)
             trainer.train(trainer.iter + 1, 6)
@@ -98,6 +116,21 @@ class TestModelEMA(unittest.TestCase):
         self.assertFalse(cfg.MODEL_EMA.ENABLED)
         with self.assertRaisesRegex(ValueError, r"MODEL_EMA.DECAY = 1.5 must lie in \(0, 1\)"):
             ModelEMA(1.5)
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _StopAfter(hooks.HookBase):
+    """Stops the run after iteration ``it`` (its checkpoint written), as a kill would."""
+
+    def __init__(self, it):
+        self.it = it
+
+    def after_step(self):
+        if self.trainer.iter == self.it:
+            raise _Stopped()
 
 
 class _Record(hooks.HookBase):

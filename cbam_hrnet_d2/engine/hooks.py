@@ -114,13 +114,15 @@ def build_training_hooks(
     log_period: int = 20,
     before_checkpoint: Sequence[Optional[HookBase]] = (),
     ema_decay: Optional[float] = None,
+    ema_period: int = 1,
 ) -> List[HookBase]:
     """The hooks of a training run, in order:
 
     1. :class:`~cbam_hrnet_d2.engine.resume.ExactResume` (replays data before any step, gathers RNG
        states before a checkpoint; ``exact_resume``, ``seed``),
     2. detectron2's ``IterationTimer``, ``lr_scheduler``, ``before_checkpoint`` (e.g. PreciseBN),
-       with ``ema_decay`` a :class:`~cbam_hrnet_d2.engine.ema.ModelEMA` (the evaluation then runs
+       with ``ema_decay`` a :class:`~cbam_hrnet_d2.engine.ema.ModelEMA` moved every ``ema_period``
+       steps (the evaluation then runs
        the averaged weights), ``PeriodicCheckpointer`` (main process) and
        ``EvalHook(eval_period, eval_function)``,
     3. :class:`MemoryMonitor` and :class:`BadImageCounter` (``output_dir/bad_images.tsv``), before
@@ -131,7 +133,7 @@ def build_training_hooks(
     """
     main = comm.is_main_process()
     preemption = Preemption()
-    ema = ModelEMA(ema_decay) if ema_decay is not None else None
+    ema = ModelEMA(ema_decay, ema_period) if ema_decay is not None else None
     if ema is not None:
         eval_function = ema.evaluating(eval_function)
     listed = [

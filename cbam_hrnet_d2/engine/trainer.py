@@ -139,6 +139,7 @@ class Trainer(DefaultTrainer):
             checkpoint_period=cfg.SOLVER.CHECKPOINT_PERIOD,
             before_checkpoint=[precise_bn],
             ema_decay=cfg.MODEL_EMA.DECAY if cfg.MODEL_EMA.ENABLED else None,
+            ema_period=cfg.MODEL_EMA.PERIOD,
         )
 
     @classmethod
