@@ -48,7 +48,8 @@ class TestExport(unittest.TestCase):
             "DATASETS.TRAIN", "('tiny_val',)", "DATASETS.TEST", "('tiny_val',)",
         ]  # fmt: skip
         torch.manual_seed(0)
-        cls.cfg = get_config(CONFIG, cls.data_opts)
+        # fp32 eager (the exports run float32; "auto" would run the heads in bf16 on a bf16 CPU)
+        cls.cfg = get_config(CONFIG, [*cls.data_opts, "TEST.PRECISION", "fp32"])
         cls.model = build_model(cls.cfg).eval()
         # random-init class scores are all near 1/7: a larger classifier spreads them over images
         with torch.no_grad():
