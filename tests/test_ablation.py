@@ -126,3 +126,18 @@ class TestPairedReading(unittest.TestCase):
         self.assertRegex(line, r"val bbox -1\.3 \[-5\.\d, \+2\.\d\] \(contains 0: unknown\)")
         self.assertIn("val1k bbox -1.3", line)
         self.assertIn("hard bbox +0.0", line)
+
+
+class TestEmaReading(unittest.TestCase):
+    def test_the_average_is_read_against_the_raw_weights_of_the_same_runs(self):
+        with tempfile.TemporaryDirectory() as d:
+            runs = os.path.join(d, "runs")
+            for seed, gain in ((1, 1.0), (2, 2.0)):
+                raw = {"val": {"bbox_AP": 60.0, "segm_AP": 59.0}}
+                write_record(runs, "cbam_branches", seed, 60 + gain, 30, raw=raw)
+            md = ablation.report("full", ["cbam_branches"], [1, 2], d, runs=runs)
+        line = next(x for x in md.splitlines() if "averaged − raw weights" in x)
+        self.assertIn("2 run(s)", line)
+        # bbox gains 1 and 2: mean 1.5, t(0.975, 1) = 12.706 x 0.7071 / 1.414 = 6.35
+        self.assertIn("val bbox +1.50 [-4.9, +7.9]", line)
+        self.assertIn("val segm +1.50", line)  # write_record: segm = bbox - 1, raw segm 59

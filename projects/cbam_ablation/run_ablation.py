@@ -271,6 +271,31 @@ def paired_reading(found: Dict[str, Dict[int, dict]]) -> List[str]:
     return lines
 
 
+def ema_reading(found: Dict[str, Dict[int, dict]]) -> List[str]:
+    """One line per row whose records keep the raw weights' AP (``record["raw"]``, MODEL_EMA
+    recipes): the averaged weights minus the raw ones of the same runs, with the 95% t interval
+    over the seeds."""
+    lines = []
+    for row, runs in found.items():
+        parts = []
+        for split in ("val", "val1k"):
+            for ap in ("bbox_AP", "segm_AP"):
+                have = {s: r for s, r in runs.items() if split in r.get("raw", {}) and split in r}
+                if not have:
+                    continue
+                a = {s: r[split][ap] for s, r in have.items()}
+                b = {s: r["raw"][split][ap] for s, r in have.items()}
+                seeds, mean, half = paired_interval(a, b)
+                interval = f" [{mean - half:+.1f}, {mean + half:+.1f}]" if half is not None else ""
+                parts.append(f"{split} {ap.split('_')[0]} {mean:+.2f}{interval}")
+        if parts:
+            n = sum(1 for r in runs.values() if "raw" in r)
+            lines.append(
+                f"- {ROWS[row][0]}, averaged − raw weights, {n} run(s): " + "; ".join(parts)
+            )
+    return lines
+
+
 def _mean_spread(values):
     return statistics.mean(values), (max(values) - min(values)) / 2
 
@@ -372,6 +397,10 @@ def report(budget: str, rows, seeds, dest: str, runs: str = RUNS) -> str:
         md += "\n\nEach row against its baseline (difference of the means, AP):\n\n" + "\n".join(
             lines
         )
+    ema_lines = ema_reading(found_of)
+    if ema_lines:
+        md += "\n\nMODEL_EMA's own gain (the same runs' final weights, averaged − raw, AP):\n\n"
+        md += "\n".join(ema_lines)
     if paired:
         md += (
             "\n\nPaired differences (same seeds, row − baseline; mean and 95% t interval over "
