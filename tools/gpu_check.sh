@@ -103,24 +103,24 @@ write_json
 
 # 1. install (45 s): the carried wheels into a site of their own. Dry run: the wheels that match
 # this Python, into a temporary site (the venv already holds every package).
-install() {
-  local wheels=("$WHEELS"/*.whl)
-  if [ $DRY -eq 1 ]; then
-    local tag="cp$($PY -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"
-    wheels=()
-    for w in "$WHEELS"/*.whl; do
-      case "$w" in *-py3-none-any.whl|*-py2.py3-none-any.whl|*-"$tag"-*.whl) wheels+=("$w") ;; esac
-    done
-    [ ${#wheels[@]} -gt 0 ] || { echo "no wheel here matches $tag"; return 0; }
-  fi
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$WORK/site" "${wheels[@]}"
-}
+WHEEL_FILES=()
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
-  step install 45 install || stop "the install failed"
+  if [ $DRY -eq 1 ]; then
+    TAG="cp$($PY -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"
+    for w in "$WHEELS"/*.whl; do
+      case "$w" in *-py3-none-any.whl|*-py2.py3-none-any.whl|*-"$TAG"-*.whl) WHEEL_FILES+=("$w") ;; esac
+    done
+  else
+    WHEEL_FILES=("$WHEELS"/*.whl)
+  fi
+fi
+if [ ${#WHEEL_FILES[@]} -gt 0 ]; then
+  # (timeout runs programs, not shell functions: the pip command itself is the step)
+  step install 45 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target "$WORK/site" "${WHEEL_FILES[@]}" || stop "the install failed"
   [ $DRY -eq 1 ] || export PYTHONPATH="$WORK/site:$(pwd)"
 else
-  skip install 45 "no $WHEELS/ here (bash tools/gpu_check.sh --fetch makes it)"
+  skip install 45 "no wheel in $WHEELS/ for this Python (bash tools/gpu_check.sh --fetch makes them)"
 fi
 
 # 2. imports (30 s): everything the steps import, the LazyConfigs loaded (no pkg_resources needed)
