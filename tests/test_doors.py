@@ -31,6 +31,18 @@ def detections(instances):
     }
 
 
+def assert_same_detections(test, got, want):
+    """The same detections up to float rounding (the multi-threaded sparse RoIAlign may sum in
+    another order from call to call): boxes and scores within torch's float32 tolerance, the same
+    classes, pasted masks differing in at most 0.1% of their pixels."""
+    test.assertEqual(len(got["scores"]), len(want["scores"]))
+    torch.testing.assert_close(got["boxes"], want["boxes"])
+    torch.testing.assert_close(got["scores"], want["scores"])
+    test.assertTrue(torch.equal(got["classes"], want["classes"]))
+    flipped = (got["masks"] != want["masks"]).float().mean().item()
+    test.assertLessEqual(flipped, 1e-3)
+
+
 class TestEveryDoorBuildsTheSameModel(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -64,8 +76,7 @@ class TestEveryDoorBuildsTheSameModel(unittest.TestCase):
         ours = self.run_as_predictor(predictor, predictor.model)
         theirs = self.run_as_predictor(predictor, self.trainers)
         self.assertEqual(len(ours["scores"]), self.cfg.TEST.DETECTIONS_PER_IMAGE)
-        for key in ours:
-            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0, msg=key)
+        assert_same_detections(self, ours, theirs)
 
     def test_build_model_and_a_lazyconfig_give_the_same_model(self):
         torch.manual_seed(1)
@@ -84,5 +95,4 @@ class TestEveryDoorBuildsTheSameModel(unittest.TestCase):
                 model.load_state_dict(self.trainers.state_dict())
                 model.roi_heads.box_predictor.test_score_thresh = 0.0
                 out = self.run_as_predictor(predictor, model.eval())
-                for key in out:
-                    torch.testing.assert_close(out[key], reference[key], msg=key)
+                assert_same_detections(self, out, reference)
