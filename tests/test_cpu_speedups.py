@@ -361,7 +361,7 @@ class TestBf16Heads(unittest.TestCase):
         self.assertEqual(seen, {"box_head": torch.float32})
 
     def test_auto_is_bf16_exactly_where_the_cpu_runs_it_natively(self):
-        from cbam_hrnet_d2.modeling.precision import native_bf16
+        from cbam_hrnet_d2.device import native_bf16
 
         self.assertEqual(heads_dtype("auto"), torch.bfloat16 if native_bf16("cpu") else None)
         self.assertEqual(heads_dtype("bf16"), torch.bfloat16)

@@ -8,12 +8,8 @@ from unittest import mock
 import torch
 from detectron2.modeling import build_model
 
-from cbam_hrnet_d2.modeling.precision import (
-    AUTO_BF16_MIN_PIXELS,
-    PRECISIONS,
-    autocast_dtype,
-    native_bf16,
-)
+from cbam_hrnet_d2.device import native_bf16
+from cbam_hrnet_d2.modeling.precision import AUTO_BF16_MIN_PIXELS, PRECISIONS, autocast_dtype
 from cbam_hrnet_d2.testing import calibrate_norm_statistics
 
 from .common import get_config
@@ -141,23 +137,23 @@ class TestEmulatedBf16(unittest.TestCase):
         self.assertEqual(native_bf16("cpu"), bool(flags & {"avx512_bf16", "amx_bf16"}))
 
     def test_warning_names_the_key_and_the_fix_on_an_emulating_cpu_only(self):
-        from cbam_hrnet_d2 import device as precision  # the device rules' home
+        from cbam_hrnet_d2 import device as rules
 
         for native, warned in ((False, True), (True, False)):
             with (
                 self.subTest(native=native),
-                mock.patch.object(precision, "native_bf16", lambda device, n=native: n),
+                mock.patch.object(rules, "native_bf16", lambda device, n=native: n),
             ):
                 with self.assertLogs("cbam_hrnet_d2.device", "WARNING") as logs:
-                    precision.logger.warning("marker")
-                    self.assertEqual(precision.warn_if_emulated_bf16("KEY = 1", "cpu"), warned)
+                    rules.logger.warning("marker")
+                    self.assertEqual(rules.warn_if_emulated_bf16("KEY = 1", "cpu"), warned)
                 text = "\n".join(logs.output[1:])
                 if warned:
                     for needle in ("KEY = 1", "emulated", "TEST.PRECISION 'auto'"):
                         self.assertIn(needle, text)
                 else:
                     self.assertEqual(text, "")
-        self.assertFalse(precision.warn_if_emulated_bf16("KEY = 1", "cuda"))
+        self.assertFalse(rules.warn_if_emulated_bf16("KEY = 1", "cuda"))
 
     def test_bf16_model_warns_once_at_its_first_eval_call_on_an_emulating_cpu(self):
         from cbam_hrnet_d2 import device

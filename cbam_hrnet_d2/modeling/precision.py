@@ -19,16 +19,13 @@ from typing import Dict
 
 import torch
 
-from cbam_hrnet_d2.device import is_exporting, native_bf16, warn_if_emulated_bf16
+from cbam_hrnet_d2.device import is_exporting, native_bf16
 
 __all__ = [
     "PRECISIONS",
     "AUTO_BF16_MIN_PIXELS",
-    "native_bf16",
-    "warn_if_emulated_bf16",
     "check_precision",
     "autocast_dtype",
-    "is_exporting",
     "run_autocast",
 ]
 
