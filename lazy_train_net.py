@@ -25,6 +25,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
+from cbam_hrnet_d2.config import default_config
 from cbam_hrnet_d2.cpu.process import set_cpu_threads
 from cbam_hrnet_d2.engine import launch_run
 from cbam_hrnet_d2.engine.amp import trainer_class
@@ -69,7 +70,9 @@ def do_train(args, cfg):
     logger.info("Trainer: %s", type(trainer).__name__)
     checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.checkpointer = checkpointer  # the Preemption hook saves through it
-    ema = cfg.train.get("model_ema", {})  # MODEL_EMA of the YAML configs: enabled, decay, period
+    # MODEL_EMA of the YAML configs (enabled, decay, period); their defaults where it is silent
+    ema = {k.lower(): v for k, v in default_config().MODEL_EMA.items()}
+    ema.update(cfg.train.get("model_ema", {}))
     trainer.register_hooks(
         build_training_hooks(
             checkpointer=checkpointer,
@@ -84,8 +87,8 @@ def do_train(args, cfg):
             checkpoint_period=cfg.train.checkpointer.period,
             max_to_keep=cfg.train.checkpointer.get("max_to_keep"),
             log_period=cfg.train.log_period,
-            ema_decay=ema.get("decay", 0.999) if ema.get("enabled", False) else None,
-            ema_period=ema.get("period", 10),
+            ema_decay=ema["decay"] if ema["enabled"] else None,
+            ema_period=ema["period"],
         )
     )
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
@@ -124,7 +127,9 @@ def invoke_main() -> None:
         output_dir=cfg.train.output_dir,
         output_dir_opts=lambda folder: [f"train.output_dir={folder}"],
         # RUN_LOCK.LEASE_SECONDS of the YAML configs
-        lock_lease_s=cfg.train.get("run_lock_lease_seconds", 180.0),
+        lock_lease_s=cfg.train.get(
+            "run_lock_lease_seconds", default_config().RUN_LOCK.LEASE_SECONDS
+        ),
     )
 
 

@@ -13,6 +13,7 @@ from detectron2.config import LazyConfig, get_cfg
 
 __all__ = [
     "add_cbam_hrnet_config",
+    "default_config",
     "load_config",
     "detectron2_config_file",
     "detectron2_config",
@@ -135,11 +136,18 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     _C.TEST.PRECISION = "auto"
 
 
-def load_config(config_file: str, opts: Sequence[str] = ()):
-    """``get_cfg()`` + :func:`add_cbam_hrnet_config` + the YAML + ``KEY VALUE`` overrides; without
-    CUDA, MODEL.DEVICE becomes "cpu". Returned unfrozen."""
+def default_config():
+    """``get_cfg()`` + :func:`add_cbam_hrnet_config`: every key at its default (also where a
+    LazyConfig leaves one of this project's options out)."""
     cfg = get_cfg()
     add_cbam_hrnet_config(cfg)
+    return cfg
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()):
+    """:func:`default_config` + the YAML + ``KEY VALUE`` overrides; without CUDA, MODEL.DEVICE
+    becomes "cpu". Returned unfrozen."""
+    cfg = default_config()
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     if not torch.cuda.is_available():
