@@ -240,16 +240,21 @@ def paired_interval(a: Dict[int, float], b: Dict[int, float]):
     return seeds, mean, half
 
 
+def against_baseline(by_row: dict):
+    """``(row, base_row, row's item, baseline's item)`` for each row of ``by_row`` whose baseline
+    (BASELINES, else BASELINE) is in it too, the baseline itself left out."""
+    for row, item in by_row.items():
+        base_row = BASELINES.get(row, BASELINE)
+        if row != base_row and base_row in by_row:
+            yield row, base_row, item, by_row[base_row]
+
+
 def paired_reading(found: Dict[str, Dict[int, dict]]) -> List[str]:
     """One line per row against its baseline: per metric the paired difference over the common
     seeds with its 95% t interval, and what the interval says (above zero, below zero, or
     containing it: unknown)."""
     lines = []
-    for row, runs in found.items():
-        base_row = BASELINES.get(row, BASELINE)
-        base = found.get(base_row)
-        if row == base_row or base is None:
-            continue
+    for row, base_row, runs, base in against_baseline(found):
         parts = []
         for key, label in PAIRED_METRICS.items():
             split, ap = key.split("_", 1)
@@ -332,11 +337,7 @@ def reading(values: Dict[str, Dict[str, List[float]]]) -> List[str]:
     means per metric and whether it lies outside the seed spread (every seed of one row above, or
     below, every seed of the other)."""
     lines = []
-    for row, a_all in values.items():
-        base_row = BASELINES.get(row, BASELINE)
-        b_all = values.get(base_row)
-        if row == base_row or b_all is None:
-            continue
+    for row, base_row, a_all, b_all in against_baseline(values):
         n, nb = len(a_all["val_bbox_AP"]), len(b_all["val_bbox_AP"])
         parts = []
         for key, label in METRICS.items():
