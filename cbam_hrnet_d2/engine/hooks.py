@@ -122,9 +122,8 @@ def build_training_hooks(
        states before a checkpoint; ``exact_resume``, ``seed``),
     2. detectron2's ``IterationTimer``, ``lr_scheduler``, ``before_checkpoint`` (e.g. PreciseBN),
        with ``ema_decay`` a :class:`~cbam_hrnet_d2.engine.ema.ModelEMA` moved every ``ema_period``
-       steps (the evaluation then runs
-       the averaged weights), ``PeriodicCheckpointer`` (main process) and
-       ``EvalHook(eval_period, eval_function)``,
+       steps (the evaluation then runs the averaged weights), ``PeriodicCheckpointer`` (main
+       process) and ``EvalHook(eval_period, eval_function)``,
     3. :class:`MemoryMonitor` and :class:`BadImageCounter` (``output_dir/bad_images.tsv``), before
        the writers so that their values reach metrics.json,
     4. ``PeriodicWriter(writers)`` (main process),
