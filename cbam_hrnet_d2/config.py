@@ -117,7 +117,7 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # 0.99 averages over about the last 100 steps, 0.999 over about the last 1000.
     _C.MODEL_EMA.DECAY = 0.999
     # Move the average every this many steps (by DECAY to that power): an update reads and writes
-    # every weight (0.1-0.2 s for the shapes model on 2 cores), 10 brings it to about 1.5% of a step.
+    # every weight (0.1-0.2 s for the shapes model on 2 cores); 10 brings that to ~1.5% of a step.
     _C.MODEL_EMA.PERIOD = 10
 
     # Mixed precision of SOLVER.AMP.ENABLED training. Options: "auto" (fp16 on CUDA as detectron2,

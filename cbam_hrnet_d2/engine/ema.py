@@ -7,8 +7,8 @@ Every ``MODEL_EMA.PERIOD`` steps (and after the last) the average moves towards 
 ``d = min(DECAY, (1 + n) / (10 + n))`` after ``n`` steps (the usual warm-up, so the first steps'
 random weights do not linger); a period of 1 is the textbook per-step average. An update reads and
 writes every weight, one small tensor at a time: about 0.1-0.2 s for the shapes model on 2 cores
-(docs/training.md), which a period of 10 brings to about 1.5% of a step. Float parameters and buffers are
-averaged; integer buffers are taken as they are.
+(docs/training.md), which a period of 10 brings to about 1.5% of a step. Float parameters and
+buffers are averaged; integer buffers are taken as they are.
 
 * **Evaluated:** every evaluation during training runs the averaged weights (the raw ones are put
   back after it).
