@@ -89,3 +89,13 @@ class TestBadTrainingValues(unittest.TestCase):
             ValueError, r"'twice_test' is already registered with other files"
         ):
             register_coco_json("twice_test", "/y/b.json", "/y/img")
+
+
+class TestDetectron2Configs(unittest.TestCase):
+    def test_a_shipped_config_is_found_without_pkg_resources_and_a_missing_one_is_named(self):
+        from cbam_hrnet_d2.config import detectron2_config, detectron2_config_file
+
+        self.assertTrue(os.path.isfile(detectron2_config_file("common/models/mask_rcnn_fpn.py")))
+        self.assertIn("model", detectron2_config("common/models/mask_rcnn_fpn.py"))
+        with self.assertRaisesRegex(FileNotFoundError, r"'common/nowhere\.py' is not one of"):
+            detectron2_config_file("common/nowhere.py")
