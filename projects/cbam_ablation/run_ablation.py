@@ -42,6 +42,8 @@ BUDGETS = {
     "full": (QUICKSTART, [42, 1, 2]),  # 42: the quickstart's own seed
     # the candidate stable recipe of issue 36 (step at 900 + EMA), five seeds a row
     "stable": (os.path.join(HERE, "configs", "stable.yaml"), [42, 1, 2, 3, 4]),
+    # candidate 2: cosine schedule to zero at the quickstart's budget (configs/cosine.yaml)
+    "cosine": (os.path.join(HERE, "configs", "cosine.yaml"), [2, 42, 1, 3, 4]),
 }
 _R50 = [
     "MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone", "MODEL.BACKBONE.FREEZE_AT", "0",
