@@ -127,6 +127,26 @@ class TestPairedReading(unittest.TestCase):
         self.assertIn("val1k bbox -1.3", line)
         self.assertIn("hard bbox +0.0", line)
 
+    def test_runs_of_one_seed_on_different_cpus_are_not_paired(self):
+        amx = "2-core Intel(R) Xeon(R) Processor (AVX512, native bf16), torch 2.14.1, code abc"
+        avx2 = "2-core AMD EPYC 7763 (AVX2, no native bf16), torch 2.14.1, code def"
+        with tempfile.TemporaryDirectory() as d:
+            runs = os.path.join(d, "runs")
+            for seed, cbam, plain, cpu in ((1, 70, 71, amx), (2, 69, 72, amx), (3, 71, 75, amx)):
+                write_record(runs, "cbam_branches", seed, cbam, 30, machine=cpu)
+                # seed 3's "no CBAM" run was made on another day's CPU: -4 would be the CPU's
+                write_record(runs, "no_cbam", seed, plain, 30, machine=avx2 if seed == 3 else cpu)
+            md = ablation.report("full", ["cbam_branches", "no_cbam"], [1, 2, 3], d, runs=runs)
+        line = next(
+            x
+            for x in md.splitlines()
+            if x.startswith("- CBAM on HRNet-W18 branches (seed design) −")
+        )
+        self.assertIn("2 paired seeds", line)
+        self.assertIn("val bbox -2.0 [", line)  # (-1, -3), not (-1, -3, -4)
+        self.assertIn("seed(s) 3 left out: the two runs were trained on different CPUs", line)
+        self.assertEqual(ablation.cpu_of({"machine": amx}), amx.split(", torch")[0])
+
 
 class TestEmaReading(unittest.TestCase):
     def test_the_average_is_read_against_the_raw_weights_of_the_same_runs(self):

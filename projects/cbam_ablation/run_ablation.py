@@ -251,12 +251,28 @@ def against_baseline(by_row: dict):
             yield row, base_row, item, by_row[base_row]
 
 
+def cpu_of(record: dict) -> str:
+    """The CPU a record was trained on (its ``machine`` up to the torch version): one seed's AP
+    moves ~4 points between CPU kinds (issue 36), so only runs of the same CPU pair."""
+    return record.get("machine", "unknown CPU").split(", torch")[0]
+
+
+def same_cpu_pairs(runs: Dict[int, dict], base: Dict[int, dict]):
+    """The seeds both rows have, split into those trained on the same CPU (kept) and those whose
+    two runs were trained on different CPUs (left out): ``(runs, base, left_out)``."""
+    common = set(runs) & set(base)
+    left_out = sorted(s for s in common if cpu_of(runs[s]) != cpu_of(base[s]))
+    keep = common - set(left_out)
+    return {s: runs[s] for s in keep}, {s: base[s] for s in keep}, left_out
+
+
 def paired_reading(found: Dict[str, Dict[int, dict]]) -> List[str]:
     """One line per row against its baseline: per metric the paired difference over the common
-    seeds with its 95% t interval, and what the interval says (above zero, below zero, or
-    containing it: unknown)."""
+    seeds trained on the same CPU with its 95% t interval, and what the interval says (above
+    zero, below zero, or containing it: unknown)."""
     lines = []
-    for row, base_row, runs, base in against_baseline(found):
+    for row, base_row, all_runs, all_base in against_baseline(found):
+        runs, base, left_out = same_cpu_pairs(all_runs, all_base)
         parts = []
         for key, label in PAIRED_METRICS.items():
             split, ap = key.split("_", 1)
@@ -274,7 +290,11 @@ def paired_reading(found: Dict[str, Dict[int, dict]]) -> List[str]:
         if parts:
             title, base_title = ROWS[row][0], ROWS[base_row][0]
             n = len(set(runs) & set(base))
-            lines.append(f"- {title} − {base_title}, {n} paired seeds: " + "; ".join(parts))
+            line = f"- {title} − {base_title}, {n} paired seeds: " + "; ".join(parts)
+            if left_out:
+                seeds = " ".join(map(str, left_out))
+                line += f" (seed(s) {seeds} left out: the two runs were trained on different CPUs)"
+            lines.append(line)
     return lines
 
 
