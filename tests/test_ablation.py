@@ -161,3 +161,30 @@ class TestEmaReading(unittest.TestCase):
         # bbox gains 1 and 2: mean 1.5, t(0.975, 1) = 12.706 x 0.7071 / 1.414 = 6.35
         self.assertIn("val bbox +1.50 [-4.9, +7.9]", line)
         self.assertIn("val segm +1.50", line)  # write_record: segm = bbox - 1, raw segm 59
+
+
+spread = load_script(os.path.join("projects", "cbam_ablation", "spread.py"))
+
+
+class TestSpreadCurves(unittest.TestCase):
+    def test_loss_curve_finds_the_largest_rise_and_the_table_puts_runs_side_by_side(self):
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "metrics.json"), "w") as f:
+                for it, loss in ((19, 2.0), (39, 1.5), (59, 1.9), (79, 1.0)):
+                    f.write(json.dumps({"iteration": it, "total_loss": loss}) + "\n")
+                f.write(json.dumps({"iteration": 79, "bbox/AP": 5.0}) + "\n")  # no loss: skipped
+            losses = spread.loss_curve(d)
+            self.assertEqual(losses["largest_rises"][0], [59, 0.4])
+            for name, aps in (("worst", (10.0, 50.0)), ("best", (12.0, 70.0))):
+                points = [
+                    {"checkpoint": "0000039", "bbox_AP": aps[0], "segm_AP": 0},
+                    {"checkpoint": "final", "bbox_AP": aps[1], "segm_AP": 0},
+                ]
+                with open(os.path.join(d, f"{name}_curve.json"), "w") as f:
+                    json.dump({"ap": points, **losses}, f)
+            table = spread.side_by_side(["worst", "best"], out=d).splitlines()
+            self.assertIn("worst bbox AP", table[0])
+            self.assertRegex(table[2], r"\| 0000039 +\| 10\.0 +\| 1\.500 +\| 12\.0 ")
+            self.assertRegex(table[3], r"\| final +\| 50\.0 +\| 1\.000 +\| 70\.0 ")  # final last
+            with self.assertRaisesRegex(FileNotFoundError, "spread.py curve RUN_DIR --name gone"):
+                spread.side_by_side(["gone"], out=d)

@@ -8,6 +8,8 @@ training noise, measured on finished runs.
     # AP of each of five disjoint 200-image parts of shapes_val1k: the noise of a 200-image set
     python projects/cbam_ablation/spread.py evalnoise output/runs/cbam_s2/model_final.pth \
         --name base_cbam_s2
+    # curves side by side (a Markdown table: bbox AP and total loss per checkpoint)
+    python projects/cbam_ablation/spread.py table cosine_s2 cosine_s42
 
 Each writes ``spread/NAME_{curve,evalnoise}.json`` here (committed) with the run's loss curve
 (``metrics.json`` of the run's folder: total loss every 20 iterations, and its largest jumps).
@@ -132,6 +134,50 @@ def curve(run_dir: str, name: str) -> dict:
     return data
 
 
+def _loss_at(losses: List[list], iteration: int):
+    """The logged total loss nearest to ``iteration`` (logged every 20 iterations)."""
+    if not losses:
+        return None
+    return min(losses, key=lambda p: abs(p[0] - iteration))[1]
+
+
+def side_by_side(names: Sequence[str], out: str = OUT) -> str:
+    """The AP curves ``spread/NAME_curve.json`` of several runs as one Markdown table: a row per
+    checkpoint, per run its bbox AP and the total loss logged nearest to that checkpoint."""
+    from tabulate import tabulate
+
+    curves = {}
+    for name in names:
+        path = os.path.join(out, f"{name}_curve.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path}: no curve of that name; make it first: spread.py curve RUN_DIR "
+                f"--name {name}"
+            )
+        with open(path) as f:
+            curves[name] = json.load(f)
+    labels = sorted(
+        {p["checkpoint"] for c in curves.values() for p in c["ap"]}, key=lambda x: (x == "final", x)
+    )
+    rows = []
+    for label in labels:
+        row = [label]
+        for c in curves.values():
+            point = next((p for p in c["ap"] if p["checkpoint"] == label), None)
+            losses = c.get("total_loss", [])
+            if label != "final":
+                loss = _loss_at(losses, int(label))
+            else:
+                loss = losses[-1][1] if losses else None
+            row += [
+                f"{point['bbox_AP']:.1f}" if point else "",
+                f"{loss:.3f}" if loss is not None else "",
+            ]
+        rows.append(row)
+    headers = ["checkpoint"] + [h for n in curves for h in (f"{n} bbox AP", f"{n} loss")]
+    return tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=True)
+
+
 def evalnoise(weights: str, name: str, parts: int = 5) -> dict:
     run_dir = os.path.dirname(os.path.abspath(weights))
     cfg, model = build(run_dir)
@@ -172,7 +218,12 @@ def main(argv=None) -> None:
     e.add_argument("weights")
     e.add_argument("--name", required=True)
     e.add_argument("--parts", type=int, default=5)
+    t = sub.add_parser("table", help="curves made by 'curve' side by side, as Markdown")
+    t.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
+    if args.what == "table":
+        print(side_by_side(args.names))  # the table is the command's output
+        return
     from detectron2.utils.logger import setup_logger
 
     import cbam_hrnet_d2.data  # noqa: F401  (registers the shapes splits)
