@@ -44,6 +44,8 @@ BUDGETS = {
     "stable": (os.path.join(HERE, "configs", "stable.yaml"), [42, 1, 2, 3, 4]),
     # candidate 2: cosine schedule to zero at the quickstart's budget (configs/cosine.yaml)
     "cosine": (os.path.join(HERE, "configs", "cosine.yaml"), [2, 42, 1, 3, 4]),
+    # candidate 3: 1.5x the quickstart's learning rate (configs/high_lr.yaml)
+    "high_lr": (os.path.join(HERE, "configs", "high_lr.yaml"), [2, 42, 1, 3, 4]),
 }
 _R50 = [
     "MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone", "MODEL.BACKBONE.FREEZE_AT", "0",
