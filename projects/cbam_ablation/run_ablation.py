@@ -40,6 +40,8 @@ QUICKSTART = os.path.join(REPO, "configs", "shapes", "mask_rcnn_CBAM_HRNet_W18_F
 BUDGETS = {
     "400": (os.path.join(HERE, "configs", "Base-ablation.yaml"), [1, 2]),
     "full": (QUICKSTART, [42, 1, 2]),  # 42: the quickstart's own seed
+    # the quickstart recipe again, five seeds a row, every run's curve kept (issue 36)
+    "quickstart": (os.path.join(HERE, "configs", "quickstart_curve.yaml"), [42, 1, 2, 3, 4]),
     # the candidate stable recipe of issue 36 (step at 900 + EMA), five seeds a row
     "stable": (os.path.join(HERE, "configs", "stable.yaml"), [42, 1, 2, 3, 4]),
     # candidate 2: cosine schedule to zero at the quickstart's budget (configs/cosine.yaml)
