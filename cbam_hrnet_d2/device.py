@@ -9,7 +9,7 @@ the process layout.
 * **Norms:** :func:`trunk_norm` (torch's SyncBatchNorm needs CUDA: detectron2's naiveSyncBN on the
   CPU, which all-reduces over gloo).
 * **AMP:** :func:`amp_dtype` (bf16 on the CPU, fp16 or bf16 on CUDA).
-* **Processes:** :func:`cpu_threads_per_process` (the machine's cores shared by its local
+* **Processes:** :func:`cpu_threads_per_process` (the cores this process may use shared by its local
   processes, on either device: data loading and CPU-side work of 8 GPU processes would otherwise
   each start one thread per core), :func:`hide_gpus` (CPU processes on a CUDA host),
   :func:`ddp_device_ids`.
@@ -30,6 +30,7 @@ __all__ = [
     "trunk_norm",
     "AMP_PRECISIONS",
     "amp_dtype",
+    "available_cores",
     "cpu_threads_per_process",
     "hide_gpus",
     "ddp_device_ids",
@@ -111,9 +112,18 @@ def amp_dtype(precision: str, device) -> torch.dtype:
     return AMP_PRECISIONS[precision]
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a cluster's cpuset, ``taskset``, or
+    runs placed side by side by ``run_ablation.py --parallel``), else ``os.cpu_count()``."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def cpu_threads_per_process(local_processes: int, cores: Optional[int] = None) -> int:
-    """The machine's cores (``os.cpu_count()``) shared by its ``local_processes``, at least 1."""
-    cores = cores or os.cpu_count() or 1
+    """The cores this process may use (:func:`available_cores`) shared by the ``local_processes``
+    of its run, at least 1."""
+    cores = cores or available_cores()
     return max(1, cores // max(1, local_processes))
 
 

@@ -188,3 +188,61 @@ class TestSpreadCurves(unittest.TestCase):
             self.assertRegex(table[3], r"\| final +\| 50\.0 +\| 1\.000 +\| 70\.0 ")  # final last
             with self.assertRaisesRegex(FileNotFoundError, "spread.py curve RUN_DIR --name gone"):
                 spread.side_by_side(["gone"], out=d)
+
+
+class TestRunsSideBySide(unittest.TestCase):
+    def test_cores_split_into_equal_groups_and_too_many_runs_are_refused(self):
+        self.assertEqual(
+            ablation.core_groups(list(range(16)), 6),
+            [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]],
+        )
+        self.assertEqual(ablation.core_groups([0, 1], 1), [[0, 1]])
+        with self.assertRaisesRegex(ValueError, "at most 2 runs side by side; lower --parallel"):
+            ablation.core_groups([0, 1], 3)
+
+    @unittest.skipUnless(hasattr(os, "sched_setaffinity"), "no CPU affinity on this OS")
+    def test_a_pinned_command_sees_only_its_cores(self):
+        import subprocess
+        import sys
+
+        core = min(os.sched_getaffinity(0))
+        probe = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
+        cmd = [sys.executable, "-c", ablation._PINNED, json.dumps([core]), *probe]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        self.assertEqual(out.strip(), f"[{core}]")
+
+    @unittest.skipUnless(hasattr(os, "sched_getaffinity"), "no CPU affinity on this OS")
+    def test_runs_side_by_side_each_get_their_own_cores_and_say_so(self):
+        import threading
+        import time
+        from unittest import mock
+
+        if len(os.sched_getaffinity(0)) < 2:
+            self.skipTest("one core: nothing to place side by side")
+        calls, running, peak, lock = [], [0], [0], threading.Lock()
+
+        def fake_run_one(budget, row, seed, out, cores=None, beside=0):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.2)
+            with lock:
+                running[0] -= 1
+                calls.append((row, seed, tuple(cores or ()), beside))
+
+        reports = []
+        todo = [("cbam_branches", 1), ("no_cbam", 1), ("cbam_branches", 2), ("no_cbam", 2)]
+        with mock.patch.object(ablation, "run_one", fake_run_one):
+            ablation.run_all("quickstart", todo, "/nonexistent", 2, lambda: reports.append(1))
+        self.assertEqual(peak[0], 2)  # two at a time
+        self.assertEqual(sorted((r, s) for r, s, _, _ in calls), sorted(todo))
+        groups = {c for _, _, c, _ in calls}
+        self.assertEqual(len(groups), 2)  # two disjoint groups of cores, reused
+        self.assertFalse(set(groups.pop()) & set(groups.pop()))
+        self.assertTrue(all(beside == 1 for *_, beside in calls))
+        self.assertEqual(len(reports), 4)  # the table rewritten after each run
+        calls.clear()
+        with mock.patch.object(ablation, "run_one", fake_run_one):
+            with mock.patch.object(ablation, "core_groups", side_effect=AssertionError):
+                ablation.run_all("quickstart", todo[:1], "/nonexistent", 1, lambda: None)
+        self.assertEqual(calls, [("cbam_branches", 1, (), 0)])  # alone: every core, not pinned

@@ -190,9 +190,19 @@ class TestDeviceRules(unittest.TestCase):
         before = torch.get_num_threads()
         self.addCleanup(torch.set_num_threads, before)
         with mock.patch("detectron2.utils.comm.get_local_size", lambda: 2):
-            with mock.patch("os.cpu_count", lambda: 16):
+            with mock.patch("cbam_hrnet_d2.device.available_cores", lambda: 16):
                 self.assertEqual(set_cpu_threads("cuda"), 8)  # 8 GPU processes: not 8 x 16
                 self.assertEqual(torch.get_num_threads(), 8)
+
+    @unittest.skipUnless(hasattr(os, "sched_setaffinity"), "no CPU affinity on this OS")
+    def test_a_process_pinned_to_one_core_takes_one_thread(self):
+        from cbam_hrnet_d2.device import available_cores, cpu_threads_per_process
+
+        before = os.sched_getaffinity(0)
+        self.addCleanup(os.sched_setaffinity, 0, before)
+        os.sched_setaffinity(0, {min(before)})  # what taskset / a cpuset / --parallel does
+        self.assertEqual(available_cores(), 1)
+        self.assertEqual(cpu_threads_per_process(1), 1)
 
     def test_syncbn_and_ddp_device_ids_follow_the_device(self):
         from cbam_hrnet_d2.device import ddp_device_ids, trunk_norm

@@ -7,6 +7,9 @@
     python projects/cbam_ablation/run_ablation.py --budget 400 --seeds 1 2
     # the table from finished runs only
     python projects/cbam_ablation/run_ablation.py --budget full --report-only
+    # on a bigger machine (a lent GPU with 16 cores): six runs side by side, each on its own cores
+    python projects/cbam_ablation/run_ablation.py --budget quickstart --seeds 42 1 --parallel 6 \
+        --rows cbam_branches no_cbam cbam_fpn
 
 Each (row, seed) trains with ``train_net.py --resume`` into ``--out/BUDGET/ROW/seedN`` (a run
 stopped part-way continues from its last checkpoint), is evaluated on
@@ -90,7 +93,8 @@ def record_path(budget: str, row: str, seed: int, runs: str = RUNS) -> str:
 
 
 def machine() -> str:
-    """Where a record was made: cores, CPU model and ISA, torch, and the code's commit."""
+    """Where a record was made: cores, CPU model and ISA, the GPU if any, torch, and the code's
+    commit."""
     import torch
 
     from cbam_hrnet_d2.device import native_bf16
@@ -103,17 +107,30 @@ def machine() -> str:
     git = ["git", "-C", REPO]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], **_CAPTURE)
     dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], **_CAPTURE)
+    # train_net.py trains on CUDA where there is a GPU: its runs pair only with runs on that GPU
+    gpu = f"GPU {torch.cuda.get_device_name(0)}, " if torch.cuda.is_available() else ""
     return (
         f"{os.cpu_count()}-core {model} ({torch.backends.cpu.get_cpu_capability()}"
-        f"{', native bf16' if native_bf16('cpu') else ', no native bf16'}), "
+        f"{', native bf16' if native_bf16('cpu') else ', no native bf16'}), {gpu}"
         f"torch {torch.__version__}, "
         f"code {commit.stdout.strip() or 'unknown'}{'+changes' if dirty.stdout.strip() else ''}"
     )
 
 
-def _train_net(args: List[str], log_file: str) -> None:
+# runs the command that follows it pinned to the cores given first (runs side by side)
+_PINNED = (
+    "import json, os, sys; os.sched_setaffinity(0, json.loads(sys.argv[1])); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def _train_net(args: List[str], log_file: str, cores: Optional[List[int]] = None) -> None:
+    """``train_net.py ARGS`` with its output in ``log_file``; with ``cores``, pinned to them (its
+    threads follow: cbam_hrnet_d2.device.available_cores)."""
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), *args]
-    logger.info("Running %s", " ".join(cmd))
+    logger.info("Running %s%s", " ".join(cmd), f" on cores {cores}" if cores else "")
+    if cores:
+        cmd = [sys.executable, "-c", _PINNED, json.dumps(cores), *cmd]
     with open(log_file, "w") as log:
         proc = subprocess.run(
             cmd,
@@ -148,12 +165,15 @@ def ensure_hard_set() -> None:
     subprocess.run(cmd, check=True)
 
 
-def _eval_only(config: str, rows: List[str], weights: str, out: str, opts: List[str]) -> dict:
+def _eval_only(
+    config: str, rows: List[str], weights: str, out: str, opts: List[str], cores=None
+) -> dict:
     """bbox / segm AP of ``weights`` (``train_net.py --eval-only`` into ``out``)."""
     _train_net(
         ["--config-file", config, "--eval-only", *rows, "MODEL.WEIGHTS", weights]
         + ["OUTPUT_DIR", out, *opts],
         os.path.join(out + "_stdout.txt"),
+        cores,
     )
     return _aps(os.path.join(out, "results.json"))
 
@@ -172,10 +192,11 @@ def _raw_weights(out: str) -> Optional[str]:
     return path
 
 
-def run_one(budget: str, row: str, seed: int, out: str) -> dict:
+def run_one(budget: str, row: str, seed: int, out: str, cores=None, beside: int = 0) -> dict:
     """Train, evaluate on shapes_val (in training), shapes_val_hard and shapes_val1k (and, with
     MODEL_EMA, the raw weights on shapes_val and shapes_val1k too); return the record, which keeps
-    the run's loss curve (metrics.json) beside it."""
+    the run's loss curve (metrics.json) beside it. ``cores``: the cores it is pinned to, where
+    ``beside`` other runs share the machine (its minutes then do not count: ``shared_cpu``)."""
     os.makedirs(out, exist_ok=True)
     config = BUDGETS[budget][0]
     start = time.time()
@@ -184,20 +205,21 @@ def run_one(budget: str, row: str, seed: int, out: str) -> dict:
     rows = [*ROWS[row][1], "TEST.PRECISION", "fp32"]
     train = ["--config-file", config, *rows, "SEED", str(seed), "OUTPUT_DIR", out]
     # --resume: a run stopped part-way (a session that ended) continues from its last checkpoint
-    _train_net(["--resume", *train, "TEST.EVAL_PERIOD", "0"], os.path.join(out, "stdout.txt"))
+    train_log = os.path.join(out, "stdout.txt")
+    _train_net(["--resume", *train, "TEST.EVAL_PERIOD", "0"], train_log, cores)
     wall = time.time() - start
     weights = os.path.join(out, "model_final.pth")
     val1k = ["DATASETS.TEST", "('shapes_val1k',)"]
     record = {
         "val": _aps(os.path.join(out, "results.json")),
-        "hard": _eval_only(config, rows, weights, os.path.join(out, "hard"), HARD_OPTS),
-        "val1k": _eval_only(config, rows, weights, os.path.join(out, "val1k"), val1k),
+        "hard": _eval_only(config, rows, weights, os.path.join(out, "hard"), HARD_OPTS, cores),
+        "val1k": _eval_only(config, rows, weights, os.path.join(out, "val1k"), val1k, cores),
     }
     raw = _raw_weights(out)
     if raw:
         record["raw"] = {
-            "val": _eval_only(config, rows, raw, os.path.join(out, "raw_val"), []),
-            "val1k": _eval_only(config, rows, raw, os.path.join(out, "raw_val1k"), val1k),
+            "val": _eval_only(config, rows, raw, os.path.join(out, "raw_val"), [], cores),
+            "val1k": _eval_only(config, rows, raw, os.path.join(out, "raw_val1k"), val1k, cores),
         }
     with open(os.path.join(out, "log.txt")) as f:
         log = f.read()
@@ -212,6 +234,9 @@ def run_one(budget: str, row: str, seed: int, out: str) -> dict:
             "machine": machine(),
         }
     )
+    if beside:
+        record["shared_cpu"] = True
+        record["note"] = f"ran side by side with {beside} other run(s), on cores {cores}"
     path = record_path(budget, row, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -256,8 +281,8 @@ def against_baseline(by_row: dict):
 
 
 def cpu_of(record: dict) -> str:
-    """The CPU a record was trained on (its ``machine`` up to the torch version): one seed's AP
-    moves ~4 points between CPU kinds (issue 36), so only runs of the same CPU pair."""
+    """The CPU (and GPU, if any) a record was trained on: its ``machine`` up to the torch version.
+    One seed's AP moves ~4 points between CPU kinds (issue 36), so only runs of the same pair."""
     return record.get("machine", "unknown CPU").split(", torch")[0]
 
 
@@ -445,6 +470,51 @@ def report(budget: str, rows, seeds, dest: str, runs: str = RUNS) -> str:
     return md
 
 
+def core_groups(cores: List[int], n: int) -> List[List[int]]:
+    """``cores`` split into ``n`` equal groups for ``n`` runs side by side (any rest stays idle)."""
+    size = len(cores) // max(1, n)
+    if size < 1:
+        raise ValueError(
+            f"--parallel {n}: this process may use {len(cores)} core(s), so at most "
+            f"{len(cores)} runs side by side; lower --parallel."
+        )
+    return [cores[i * size : (i + 1) * size] for i in range(n)]
+
+
+def run_all(budget: str, todo: List[tuple], out: str, parallel: int, after_each) -> None:
+    """Every (row, seed) of ``todo`` through :func:`run_one`, one at a time or ``parallel`` side
+    by side (each on its own cores), ``after_each()`` after each; progress and ETA logged."""
+    import concurrent.futures
+    import queue
+    import threading
+
+    start, done, lock = time.time(), [0], threading.Lock()
+    free = queue.Queue()
+    if parallel > 1:
+        for group in core_groups(sorted(os.sched_getaffinity(0)), parallel):
+            free.put(group)
+    else:
+        free.put(None)
+
+    def one(row: str, seed: int) -> None:
+        cores = free.get()
+        try:
+            run_dir = os.path.join(out, budget, row, f"seed{seed}")
+            run_one(budget, row, seed, run_dir, cores, beside=parallel - 1 if cores else 0)
+        finally:
+            free.put(cores)
+        with lock:
+            done[0] += 1
+            rate = (time.time() - start) / done[0]
+            eta = rate * (len(todo) - done[0]) / 60
+            logger.info("%d/%d runs done, ETA %.0f min", done[0], len(todo), eta)
+            after_each()
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
+        for future in [pool.submit(one, row, seed) for row, seed in todo]:
+            future.result()  # a failed run stops the sweep with its error
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -457,6 +527,12 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(REPO, "output", "cbam_ablation"))
     parser.add_argument("--dest", default=HERE, help="where results_BUDGET.md / .json go")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="runs side by side, each pinned to its share of the cores (a lent GPU's machine)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
     seeds = args.seeds or BUDGETS[args.budget][1]
@@ -468,13 +544,13 @@ def main() -> None:
             if not os.path.exists(record_path(args.budget, r, s))
         ]
         ensure_hard_set()
-        start = time.time()
-        for i, (row, seed) in enumerate(todo):
-            out = os.path.join(args.out, args.budget, row, f"seed{seed}")
-            run_one(args.budget, row, seed, out)
-            eta = (time.time() - start) / (i + 1) * (len(todo) - i - 1) / 60
-            logger.info("%d/%d runs done, ETA %.0f min", i + 1, len(todo), eta)
-            report(args.budget, args.rows, seeds, args.dest)
+        run_all(
+            args.budget,
+            todo,
+            args.out,
+            args.parallel,
+            lambda: report(args.budget, args.rows, seeds, args.dest),
+        )
     report(args.budget, args.rows, seeds, args.dest)
 
 
