@@ -11,7 +11,7 @@ from .common import load_script
 ablation = load_script(os.path.join("projects", "cbam_ablation", "run_ablation.py"))
 
 
-def write_record(runs, row, seed, val_bbox, hard_bbox, **extra):
+def write_record(runs, row, seed, val_bbox, hard_bbox, budget="full", **extra):
     record = {
         **extra,
         "val": {"bbox_AP": val_bbox, "segm_AP": val_bbox - 1},
@@ -19,7 +19,7 @@ def write_record(runs, row, seed, val_bbox, hard_bbox, **extra):
         "infer_ms": 100.0,
         "train_min": 40.0 + seed,
     }
-    path = ablation.record_path("full", row, seed, runs)
+    path = ablation.record_path(budget, row, seed, runs)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(record, f)
@@ -146,6 +146,32 @@ class TestPairedReading(unittest.TestCase):
         self.assertIn("val bbox -2.0 [", line)  # (-1, -3), not (-1, -3, -4)
         self.assertIn("seed(s) 3 left out: the two runs were trained on different CPUs", line)
         self.assertEqual(ablation.cpu_of({"machine": amx}), amx.split(", torch")[0])
+        # records of 2026-12-02 wrote the machine by hand: "CPU, code X; note"
+        hand = "2-core AMD EPYC with AVX512-BF16, code d9a71d2; the first ~10 minutes shared"
+        self.assertEqual(ablation.cpu_of({"machine": hand}), "2-core AMD EPYC with AVX512-BF16")
+
+    def test_budgets_of_the_same_recipe_pool_their_pairs(self):
+        with tempfile.TemporaryDirectory() as d:
+            runs = os.path.join(d, "runs")
+            for seed, cbam, plain in ((42, 70, 71), (1, 69, 72)):  # 2026-12-02, budget full
+                write_record(runs, "cbam_branches", seed, cbam, 30)
+                write_record(runs, "no_cbam", seed, plain, 30)
+            for seed, cbam, plain in ((42, 66, 70), (2, 67, 72)):  # another day, its own budget
+                write_record(runs, "cbam_branches", seed, cbam, 30, budget="quickstart")
+                write_record(runs, "no_cbam", seed, plain, 30, budget="quickstart")
+            rows = ["cbam_branches", "no_cbam"]
+            md = ablation.report("quickstart", rows, [42, 2], d, runs=runs, pool=("full",))
+            self.assertTrue(os.path.isfile(os.path.join(d, "results_quickstart_pooled.md")))
+            self.assertFalse(os.path.exists(os.path.join(d, "results_quickstart.md")))
+        self.assertIn("Runs of budget quickstart and of full (same recipe), pooled", md)
+        self.assertIn("42: 66.0/30.0, 2: 67.0/30.0, full:42: 70.0/30.0, full:1: 69.0/30.0", md)
+        line = next(
+            x
+            for x in md.splitlines()
+            if x.startswith("- CBAM on HRNet-W18 branches (seed design) −")
+        )
+        self.assertIn("4 paired seeds", line)
+        self.assertIn("val bbox -3.2 [", line)  # (-4, -5, -1, -3)
 
 
 class TestEmaReading(unittest.TestCase):

@@ -283,7 +283,7 @@ def against_baseline(by_row: dict):
 def cpu_of(record: dict) -> str:
     """The CPU (and GPU, if any) a record was trained on: its ``machine`` up to the torch version.
     One seed's AP moves ~4 points between CPU kinds (issue 36), so only runs of the same pair."""
-    return record.get("machine", "unknown CPU").split(", torch")[0]
+    return re.split(r", (?:torch|code) ", record.get("machine", "unknown CPU"))[0]
 
 
 def same_cpu_pairs(runs: Dict[int, dict], base: Dict[int, dict]):
@@ -407,17 +407,28 @@ def reading(values: Dict[str, Dict[str, List[float]]]) -> List[str]:
     return lines
 
 
-def report(budget: str, rows, seeds, dest: str, runs: str = RUNS) -> str:
+def _records(budget: str, row: str, seeds, runs: str, pool=()) -> dict:
+    """The records of ``row`` by seed; with ``pool`` (other budgets of the same recipe), theirs
+    too (their default seeds), keyed "BUDGET:seed" (and the budget's own by "seed")."""
+    found = {}
+    for b, b_seeds in [(budget, seeds), *((b, BUDGETS[b][1]) for b in pool)]:
+        for seed in b_seeds:
+            path = record_path(b, row, seed, runs)
+            if os.path.exists(path):
+                key = seed if not pool else str(seed) if b == budget else f"{b}:{seed}"
+                with open(path) as f:
+                    found[key] = json.load(f)
+    return found
+
+
+def report(budget: str, rows, seeds, dest: str, runs: str = RUNS, pool=()) -> str:
     """results_BUDGET.md / .json from the committed records; returns the Markdown: the table and
-    the reading of each row against its baseline, where that has records."""
+    the reading of each row against its baseline, where that has records. With ``pool`` (budgets
+    that trained the same recipe, e.g. ``full`` for ``quickstart``), their records join as further
+    runs (results_BUDGET_pooled.md / .json): each pair is still one seed of both rows on one CPU."""
     table, data, values_of, found_of = [], {}, {}, {}
     for row in rows:
-        found = {}
-        for seed in seeds:
-            path = record_path(budget, row, seed, runs)
-            if os.path.exists(path):
-                with open(path) as f:
-                    found[seed] = json.load(f)
+        found = _records(budget, row, seeds, runs, pool)
         if not found:
             continue
         found_of[row] = found
@@ -458,15 +469,16 @@ def report(budget: str, rows, seeds, dest: str, runs: str = RUNS) -> str:
             "\n\nPaired differences (same seeds, row − baseline; mean and 95% t interval over "
             "the seeds):\n\n" + "\n".join(paired)
         )
+    stem = f"results_{budget}_pooled" if pool else f"results_{budget}"
+    if pool:
+        md = f"Runs of budget {budget} and of {', '.join(pool)} (same recipe), pooled:\n\n" + md
     for name, text in (
-        (f"results_{budget}.md", md + "\n"),
-        (f"results_{budget}.json", json.dumps(data, indent=2)),
+        (f"{stem}.md", md + "\n"),
+        (f"{stem}.json", json.dumps(data, indent=2)),
     ):
         with open(os.path.join(dest, name), "w") as f:
             f.write(text)
-    logger.info(
-        "Table (mean ± half the spread over seeds) in %s/results_%s.md:\n%s", dest, budget, md
-    )
+    logger.info("Table (mean ± half the spread over seeds) in %s/%s.md:\n%s", dest, stem, md)
     return md
 
 
@@ -528,6 +540,13 @@ def main() -> None:
     parser.add_argument("--dest", default=HERE, help="where results_BUDGET.md / .json go")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
+        "--pool",
+        nargs="*",
+        default=[],
+        choices=list(BUDGETS),
+        help="also write results_BUDGET_pooled.md with these budgets' runs (the same recipe)",
+    )
+    parser.add_argument(
         "--parallel",
         type=int,
         default=1,
@@ -552,6 +571,8 @@ def main() -> None:
             lambda: report(args.budget, args.rows, seeds, args.dest),
         )
     report(args.budget, args.rows, seeds, args.dest)
+    if args.pool:
+        report(args.budget, args.rows, seeds, args.dest, pool=args.pool)
 
 
 if __name__ == "__main__":
