@@ -7,6 +7,8 @@
     python projects/cbam_ablation/run_ablation.py --budget 400 --seeds 1 2
     # the table from finished runs only
     python projects/cbam_ablation/run_ablation.py --budget full --report-only
+    # the quickstart recipe's five-seed table, with the 2026-12-02 runs of that recipe pooled in
+    python projects/cbam_ablation/run_ablation.py --budget quickstart --report-only --pool full
     # on a bigger machine (a lent GPU with 16 cores): six runs side by side, each on its own cores
     python projects/cbam_ablation/run_ablation.py --budget quickstart --seeds 42 1 --parallel 6 \
         --rows cbam_branches no_cbam cbam_fpn
