@@ -90,6 +90,9 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     _C.INPUT.HARD_AUG.ENABLED = False
     # Probability of each of the seven corruptions, drawn independently per image; in [0, 1].
     _C.INPUT.HARD_AUG.PROB = 0.15
+    # Training iteration from which the corruptions apply (0: from the start); counted from the
+    # images each data worker maps, within NUM_WORKERS iterations (augment.IterationGate).
+    _C.INPUT.HARD_AUG.START_ITER = 0
 
     # Extra COCO-format datasets to register before building loaders: list of
     # [name, json_file, image_root]; the names can then be used in DATASETS.TRAIN / DATASETS.TEST.

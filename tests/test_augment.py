@@ -1,6 +1,7 @@
 """Training options of issue 17's quickstart work: INPUT.HARD_AUG (each corruption keeps boxes and
 masks right: occlusion removes the painted pixels from the masks, the stretch moves boxes with the
-masks, photometric ones change pixels only), MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE (the mask head
+masks, photometric ones change pixels only; START_ITER holds them back to an iteration, also after a
+resume without replay), MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE (the mask head
 trains on at most that many proposals per image; 0 is detectron2's), and tools/corrupt_dataset.py
 (the hard evaluation set written by other code)."""
 
@@ -8,6 +9,7 @@ import json
 import os
 import tempfile
 import unittest
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -26,6 +28,7 @@ from cbam_hrnet_d2.data import (
     validate_coco_json,
 )
 from cbam_hrnet_d2.data.build import RobustDatasetMapper, build_train_loader
+from cbam_hrnet_d2.engine.resume import ExactResume, ResumableLoader, capture_rng_state
 
 from .common import CONFIGS, get_config, load_tool
 from .test_training import CONFIG
@@ -110,6 +113,31 @@ class TestHardAugmentation(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, r"INPUT.HARD_AUG.PROB must be in \[0, 1\]"):
                 augment.with_hard_augmentations([], prob)
 
+    def test_bad_start_iteration_names_the_key(self):
+        with self.assertRaisesRegex(ValueError, r"INPUT.HARD_AUG.START_ITER must be >= 0"):
+            augment.IterationGate(-1, 8, 1)
+
+    def test_the_gate_opens_at_its_iteration_from_the_images_each_worker_maps(self):
+        for workers, first, opens_at_image in ((1, 0, 8), (2, 0, 4), (1, 1, 4), (1, 3, 0)):
+            gate = augment.IterationGate(2, images_per_batch=4, workers=workers)
+            gate.first_iteration = first
+            seen = []
+            for _ in range(12):
+                self.assertIsInstance(gate(T.AugInput(self.image)), T.NoOpTransform)
+                seen.append(gate.open)
+            self.assertEqual(seen.index(True), opens_at_image, (workers, first))
+            self.assertTrue(all(seen[opens_at_image:]))
+
+    def test_gated_corruptions_apply_nothing_before_the_gate_opens(self):
+        gate = augment.IterationGate(1, images_per_batch=1, workers=1)
+        augs = T.AugmentationList(augment.with_hard_augmentations([], 1.0, gate))
+        before = T.AugInput(self.image.copy())
+        augs(before)  # image 0, iteration 0: closed
+        np.testing.assert_array_equal(before.image, self.image)
+        after = T.AugInput(self.image.copy())
+        augs(after)  # iteration 1: every corruption at PROB 1
+        self.assertFalse(np.array_equal(after.image, self.image))
+
     def test_cut_instances_moves_only_the_box_sides_the_occluder_moved(self):
         masks = torch.zeros(3, 64, 96, dtype=torch.bool)
         masks[0, 10:50, 20:60] = True  # left half hidden below
@@ -160,15 +188,62 @@ class TestHardAugmentation(unittest.TestCase):
         # left side: the cut mask's extent; the others: the annotated box (20, 10, 60, 50)
         self.assertEqual(inst.gt_boxes.tensor.tolist(), [[40, 10, 60, 50]])
 
-    def _first_batch(self, d, name, opts):
+    def _batches(self, d, name, opts, n=1, ims=6, begin_at=None):
         cfg = get_config(SHAPES, [
-            "DATASETS.TRAIN", (name,), "DATALOADER.NUM_WORKERS", 0, "SOLVER.IMS_PER_BATCH", 6,
+            "DATASETS.TRAIN", (name,), "DATALOADER.NUM_WORKERS", 0, "SOLVER.IMS_PER_BATCH", ims,
             "INPUT.RANDOM_FLIP", "none", "DATALOADER.ASPECT_RATIO_GROUPING", False,
             "OUTPUT_DIR", d, *opts,
         ])  # fmt: skip
         torch.manual_seed(0)
         np.random.seed(0)
-        return next(iter(build_train_loader(cfg)))
+        loader = ResumableLoader(build_train_loader(cfg))
+        if begin_at is not None:
+            loader.begin_at(begin_at)
+        it = iter(loader)
+        return [next(it) for _ in range(n)]
+
+    def test_a_resume_tells_the_gates_where_the_stream_begins_unless_it_replays_it(self):
+        class Loader:
+            def __init__(self):
+                self.calls = []
+
+            def begin_at(self, i):
+                self.calls.append(("begin_at", i))
+
+            def fast_forward(self, n):
+                self.calls.append(("fast_forward", n))
+
+        state = np.random.get_state()
+        for enabled, expected in ((False, ("begin_at", 5)), (True, ("fast_forward", 5))):
+            loader = Loader()
+            hook = ExactResume(loader, enabled=enabled, seed=1, checkpoint_period=10)
+            hook.trainer = SimpleNamespace(start_iter=5)
+            hook.load_state_dict({"iteration": 4, "ranks": [capture_rng_state()]})
+            hook.before_train()
+            self.assertEqual(loader.calls, [expected])
+        np.random.set_state(state)
+
+    def _first_batch(self, d, name, opts):
+        return self._batches(d, name, opts)[0]
+
+    def test_corruptions_start_at_their_iteration_and_after_a_resume_without_replay(self):
+        with tempfile.TemporaryDirectory() as d:
+            json_file = generate_shapes(d, "train", 4, seed=5)
+            register_coco_json("hard_aug_start", json_file, os.path.join(d, "train"))
+            plain = self._batches(d, "hard_aug_start", [], n=2, ims=2)
+            late = [
+                "INPUT.HARD_AUG.ENABLED", True, "INPUT.MASK_FORMAT", "bitmask",
+                "INPUT.HARD_AUG.PROB", 1.0, "INPUT.HARD_AUG.START_ITER", 1,
+            ]  # fmt: skip
+            fresh = self._batches(d, "hard_aug_start", late, n=2, ims=2)
+            resumed = self._batches(d, "hard_aug_start", late, n=1, ims=2, begin_at=1)
+
+        def same(a, b):
+            return [torch.equal(x["image"], y["image"]) for x, y in zip(a, b)]
+
+        self.assertEqual(same(fresh[0], plain[0]), [True, True])  # iteration 0: clean
+        self.assertEqual(same(fresh[1], plain[1]), [False, False])  # iteration 1: corrupted
+        self.assertEqual(same(resumed[0], plain[0]), [False, False])  # the stream began at 1
 
     def test_the_loader_keeps_the_annotated_boxes_unless_occlusion_cuts_them(self):
         with tempfile.TemporaryDirectory() as d:

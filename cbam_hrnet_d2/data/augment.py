@@ -1,6 +1,7 @@
 """Training augmentation for images harder than the ones a dataset holds (``INPUT.HARD_AUG``):
 camera and codec corruptions, textured and low-contrast appearance, heavier occlusion and mildly
-stretched objects, each applied to a training image with probability ``INPUT.HARD_AUG.PROB``.
+stretched objects, each applied to a training image with probability ``INPUT.HARD_AUG.PROB``, from
+training iteration ``INPUT.HARD_AUG.START_ITER`` on (:class:`IterationGate`).
 
 All are detectron2 augmentations, run by detectron2's ``DatasetMapper`` with the default resize and
 flip. Photometric ones are ``ColorTransform``s (boxes and masks unchanged); the stretch is a
@@ -30,7 +31,7 @@ jpeg        JPEG encode + decode, quality 10-60
 
 import math
 from functools import partial
-from typing import List
+from typing import List, Optional
 
 import cv2
 import numpy as np
@@ -38,7 +39,12 @@ import pycocotools.mask as mask_util
 import torch
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import filter_empty_instances
-from detectron2.data.transforms import Augmentation, ColorTransform, ResizeTransform
+from detectron2.data.transforms import (
+    Augmentation,
+    ColorTransform,
+    NoOpTransform,
+    ResizeTransform,
+)
 from detectron2.structures import BitMasks, Boxes, Instances
 from fvcore.transforms.transform import Transform
 
@@ -46,6 +52,7 @@ from cbam_hrnet_d2.data.shapes import _background
 
 __all__ = [
     "with_hard_augmentations",
+    "IterationGate",
     "with_rle_masks",
     "rle_mask_dicts",
     "OcclusionTransform",
@@ -187,12 +194,65 @@ def _jpeg_params(image) -> dict:
     return {"quality": int(np.random.randint(10, 61))}
 
 
-def with_hard_augmentations(augmentations: List[Augmentation], prob: float) -> List[Augmentation]:
+class IterationGate(Augmentation):
+    """Opens at training iteration ``start_iter``: placed first in an augmentation list, it counts
+    the images its data worker maps and sets :attr:`open` for the augmentations gated by it.
+
+    A training process's loader hands each of its ``workers`` (``max(1, DATALOADER.NUM_WORKERS)``)
+    every ``workers``-th batch of ``images_per_batch`` images, so the ``n``-th image a worker maps
+    belongs to iteration ``first_iteration + n * workers // images_per_batch``, exact with one
+    worker and within ``workers`` iterations with more. The count is part of the data stream: an
+    exact resume replays it (``DATALOADER.EXACT_RESUME``); a resume without replay sets
+    :attr:`first_iteration` (``ResumableLoader.begin_at``) before the workers start."""
+
+    def __init__(self, start_iter: int, images_per_batch: int, workers: int):
+        super().__init__()
+        if start_iter < 0:
+            raise ValueError(f"INPUT.HARD_AUG.START_ITER must be >= 0, got {start_iter!r}.")
+        self.start_iter = start_iter
+        self.images_per_batch = max(1, images_per_batch)
+        self.workers = max(1, workers)
+        self.first_iteration = 0
+        self.images = 0
+        self.open = start_iter == 0
+
+    def iteration(self) -> int:
+        """The training iteration of the next image this worker maps."""
+        return self.first_iteration + self.images * self.workers // self.images_per_batch
+
+    def __call__(self, aug_input) -> Transform:
+        self.open = self.iteration() >= self.start_iter
+        self.images += 1
+        return NoOpTransform()
+
+    def get_transform(self, *args) -> Transform:
+        return NoOpTransform()
+
+
+class _Gated(T.RandomApply):
+    """detectron2's ``RandomApply`` that applies nothing while ``gate`` is closed."""
+
+    def __init__(self, aug, prob: float, gate: IterationGate):
+        super().__init__(aug, prob)
+        self.gate = gate
+
+    def __call__(self, aug_input) -> Transform:
+        return super().__call__(aug_input) if self.gate.open else NoOpTransform()
+
+    def get_transform(self, *args) -> Transform:
+        return super().get_transform(*args) if self.gate.open else NoOpTransform()
+
+
+def with_hard_augmentations(
+    augmentations: List[Augmentation], prob: float, gate: Optional[IterationGate] = None
+) -> List[Augmentation]:
     """``augmentations`` (detectron2's resize and flip) with the seven corruptions, each applied
     with probability ``prob``: the stretch before them, the rest after them (the model sees each
-    corruption at the size it trains on)."""
+    corruption at the size it trains on). With ``gate``, the corruptions apply only once it is
+    open (from its training iteration on); it leads the list."""
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"INPUT.HARD_AUG.PROB must be in [0, 1], got {prob!r}.")
+    gate = gate if gate is not None else IterationGate(0, 1, 1)
     photometric = [
         RandomOcclusion(),
         _Photometric(_blend, _texture_params),
@@ -201,8 +261,8 @@ def with_hard_augmentations(augmentations: List[Augmentation], prob: float) -> L
         _Photometric(_noise, _noise_params),
         _Photometric(_jpeg, _jpeg_params),
     ]
-    apply = [T.RandomApply(a, prob) for a in photometric]
-    return [T.RandomApply(RandomStretch(), prob), *augmentations, *apply]
+    apply = [_Gated(a, prob, gate) for a in photometric]
+    return [gate, _Gated(RandomStretch(), prob, gate), *augmentations, *apply]
 
 
 def with_rle_masks(dataset_dict: dict) -> dict:

@@ -32,8 +32,10 @@ from detectron2.data import (
 )
 from detectron2.data.detection_utils import build_augmentation
 from detectron2.data.transforms import TransformList
+from detectron2.utils import comm
 
 from cbam_hrnet_d2.data.augment import (
+    IterationGate,
     OcclusionTransform,
     cut_instances,
     rle_mask_dicts,
@@ -173,13 +175,19 @@ def build_train_loader(cfg):
         else 0,
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
     )
-    extra = {}
+    extra, gates = {}, []
     if cfg.INPUT.HARD_AUG.ENABLED:
         # occlusion cuts instance masks: they travel as RLE (bitmask format); the mapper moves the
         # box sides that a cut moved (augment.cut_instances), the others stay the annotated ones
         dicts = rle_mask_dicts(dicts)
-        augs = with_hard_augmentations(build_augmentation(cfg, True), cfg.INPUT.HARD_AUG.PROB)
+        gate = IterationGate(
+            cfg.INPUT.HARD_AUG.START_ITER,
+            cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(),
+            cfg.DATALOADER.NUM_WORKERS,
+        )
+        augs = with_hard_augmentations(build_augmentation(cfg, True), cfg.INPUT.HARD_AUG.PROB, gate)
         extra = {"augmentations": augs}
+        gates.append(gate)
     cfg = choose_mask_format(cfg, dicts)
     bad_file = os.path.join(cfg.OUTPUT_DIR, BAD_IMAGES_FILE) if cfg.OUTPUT_DIR else None
     mapper = RobustDatasetMapper(
@@ -190,7 +198,10 @@ def build_train_loader(cfg):
         bad_images_file=bad_file,
         **extra,
     )
-    return build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
+    loader = build_detection_train_loader(cfg, mapper=mapper, dataset=dicts)
+    # told the iteration of the stream's first batch by ResumableLoader.begin_at
+    loader.iteration_gates = gates
+    return loader
 
 
 def build_test_loader(cfg, dataset_name: str):

@@ -115,6 +115,13 @@ class ResumableLoader:
                 )
         self._started = it
 
+    def begin_at(self, iteration: int) -> None:
+        """The stream's first batch is training iteration ``iteration`` (a resume without replay):
+        the loader's ``iteration_gates`` (``augment.IterationGate``, e.g. ``INPUT.HARD_AUG.
+        START_ITER``) count from there. Call before the first ``iter()``: the workers copy them."""
+        for gate in getattr(self.loader, "iteration_gates", ()):
+            gate.first_iteration = iteration
+
     def __iter__(self) -> Iterator:
         it, self._started = self._started, None
         return it if it is not None else iter(self.loader)
@@ -172,28 +179,32 @@ class ExactResume(HookBase):
 
     def before_train(self):
         start = self.trainer.start_iter
-        if start == 0:
-            return
+        if start > 0 and not self._replay(start):
+            self._loader.begin_at(start)
+
+    def _replay(self, start: int) -> bool:
+        """Replays the data stream to ``start`` and restores the RNG states; False where it cannot
+        (the reason logged)."""
         if not self._enabled:
             logger.info(
                 "Resumed at iteration %d; the data stream restarts from its beginning "
                 "(DATALOADER.EXACT_RESUME True replays it instead)",
                 start,
             )
-            return
+            return False
         if self._seed < 0:
             logger.warning(
                 "DATALOADER.EXACT_RESUME needs a fixed SEED (SEED = %d): resuming without replay",
                 self._seed,
             )
-            return
+            return False
         ranks = (self._loaded or {}).get("ranks")
         if not ranks:
             logger.warning(
                 "The checkpoint holds no RNG states (written without DATALOADER.EXACT_RESUME or "
                 "by another trainer): resuming without replay"
             )
-            return
+            return False
         if len(ranks) != comm.get_world_size():
             logger.warning(
                 "The checkpoint holds the RNG states of %d process(es), this run has %d: "
@@ -201,7 +212,7 @@ class ExactResume(HookBase):
                 len(ranks),
                 comm.get_world_size(),
             )
-            return
+            return False
         self._loader.fast_forward(start)
         restore_rng_state(ranks[comm.get_rank()])
         logger.info(
@@ -210,3 +221,4 @@ class ExactResume(HookBase):
             comm.get_rank(),
             start - 1,
         )
+        return True

@@ -71,9 +71,13 @@ ROWS = {
         "CBAM on the branches + INPUT.HARD_AUG, PROB 0.05",
         ["INPUT.HARD_AUG.ENABLED", "True", "INPUT.HARD_AUG.PROB", "0.05"],
     ),
+    "hard_aug_late": (
+        "CBAM on the branches + INPUT.HARD_AUG from iteration 575",
+        ["INPUT.HARD_AUG.ENABLED", "True", "INPUT.HARD_AUG.START_ITER", "575"],
+    ),
 }
 # the row each row is read against in the report: no CBAM, or the seed design for its augmentations
-BASELINES = {"hard_aug": "cbam_branches", "hard_aug_p05": "cbam_branches"}
+BASELINES = {r: "cbam_branches" for r in ("hard_aug", "hard_aug_p05", "hard_aug_late")}
 BASELINE = "no_cbam"
 DATASETS = os.getenv("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
 HARD = os.path.join(DATASETS, "shapes_val_hard")
