@@ -272,3 +272,28 @@ class TestRunsSideBySide(unittest.TestCase):
             with mock.patch.object(ablation, "core_groups", side_effect=AssertionError):
                 ablation.run_all("quickstart", todo[:1], "/nonexistent", 1, lambda: None)
         self.assertEqual(calls, [("cbam_branches", 1, (), 0)])  # alone: every core, not pinned
+
+
+class TestMachine(unittest.TestCase):
+    def test_the_code_is_changed_by_code_edits_not_by_the_sweeps_own_outputs(self):
+        with tempfile.TemporaryDirectory() as repo:
+            here = os.path.join(repo, "projects", "cbam_ablation")
+            os.makedirs(os.path.join(here, "runs"))
+            files = ["run_ablation.py", "results_quickstart.md", os.path.join("runs", "s.json")]
+            for name in files:
+                with open(os.path.join(here, name), "w") as f:
+                    f.write("a\n")
+            git = ["git", "-C", repo, "-c", "user.name=t", "-c", "user.email=t@t"]
+            for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
+                ablation.subprocess.run([*git, *args], check=True)
+            old = ablation.REPO, ablation.HERE
+            ablation.REPO, ablation.HERE = repo, here
+            try:
+                states = []
+                for name in reversed(files):  # the outputs first, then the code
+                    with open(os.path.join(here, name), "a") as f:
+                        f.write("b\n")
+                    states.append(ablation.machine().endswith("+changes"))
+            finally:
+                ablation.REPO, ablation.HERE = old
+        self.assertEqual(states, [False, False, True])

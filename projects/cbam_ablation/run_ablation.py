@@ -112,7 +112,11 @@ def machine() -> str:
         model = names[0].strip() if names else model
     git = ["git", "-C", REPO]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], **_CAPTURE)
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], **_CAPTURE)
+    # the sweep's own outputs (records, result tables) are not code changes
+    outputs = [f":!{os.path.relpath(os.path.join(HERE, p), REPO)}" for p in ("runs", "results_*")]
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", *outputs], **_CAPTURE
+    )
     # train_net.py trains on CUDA where there is a GPU: its runs pair only with runs on that GPU
     gpu = f"GPU {torch.cuda.get_device_name(0)}, " if torch.cuda.is_available() else ""
     return (
