@@ -95,7 +95,7 @@ class TestHardAugmentation(unittest.TestCase):
         )
 
     def test_photometric_corruptions_change_pixels_only(self):
-        augs = augment.with_hard_augmentations([], 1.0)[1:]
+        augs = augment.with_hard_augmentations([], 1.0)[2:]  # after the gate and the stretch
         self.assertEqual(len(augs), 6)
         for aug in augs[1:]:  # [0] is the occlusion
             with self.subTest(aug=type(aug.aug).__name__):
