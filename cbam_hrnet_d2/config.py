@@ -91,7 +91,8 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # Probability of each of the seven corruptions, drawn independently per image; in [0, 1].
     _C.INPUT.HARD_AUG.PROB = 0.15
     # Training iteration from which the corruptions apply (0: from the start); counted from the
-    # images each data worker maps, within NUM_WORKERS iterations (augment.IterationGate).
+    # images each data worker maps, within NUM_WORKERS iterations (augment.IterationGate);
+    # TEST.PRECISE_BN's statistics follow it (engine.hooks.PreciseBN).
     _C.INPUT.HARD_AUG.START_ITER = 0
 
     # Extra COCO-format datasets to register before building loaders: list of

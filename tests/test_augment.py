@@ -17,6 +17,7 @@ import pycocotools.mask as mask_util
 import torch
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.engine import hooks
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
 from cbam_hrnet_d2.data import (
@@ -28,6 +29,7 @@ from cbam_hrnet_d2.data import (
     validate_coco_json,
 )
 from cbam_hrnet_d2.data.build import RobustDatasetMapper, build_train_loader
+from cbam_hrnet_d2.engine.hooks import PreciseBN
 from cbam_hrnet_d2.engine.resume import ExactResume, ResumableLoader, capture_rng_state
 
 from .common import CONFIGS, get_config, load_tool
@@ -188,7 +190,7 @@ class TestHardAugmentation(unittest.TestCase):
         # left side: the cut mask's extent; the others: the annotated box (20, 10, 60, 50)
         self.assertEqual(inst.gt_boxes.tensor.tolist(), [[40, 10, 60, 50]])
 
-    def _batches(self, d, name, opts, n=1, ims=6, begin_at=None):
+    def _loader(self, d, name, opts, ims):
         cfg = get_config(SHAPES, [
             "DATASETS.TRAIN", (name,), "DATALOADER.NUM_WORKERS", 0, "SOLVER.IMS_PER_BATCH", ims,
             "INPUT.RANDOM_FLIP", "none", "DATALOADER.ASPECT_RATIO_GROUPING", False,
@@ -196,7 +198,10 @@ class TestHardAugmentation(unittest.TestCase):
         ])  # fmt: skip
         torch.manual_seed(0)
         np.random.seed(0)
-        loader = ResumableLoader(build_train_loader(cfg))
+        return ResumableLoader(build_train_loader(cfg))
+
+    def _batches(self, d, name, opts, n=1, ims=6, begin_at=None):
+        loader = self._loader(d, name, opts, ims)
         if begin_at is not None:
             loader.begin_at(begin_at)
         it = iter(loader)
@@ -244,6 +249,40 @@ class TestHardAugmentation(unittest.TestCase):
         self.assertEqual(same(fresh[0], plain[0]), [True, True])  # iteration 0: clean
         self.assertEqual(same(fresh[1], plain[1]), [False, False])  # iteration 1: corrupted
         self.assertEqual(same(resumed[0], plain[0]), [False, False])  # the stream began at 1
+
+    def test_precise_bn_sees_the_images_training_sees_at_its_iteration(self):
+        class Recorder(torch.nn.Module):  # a model with BN that keeps the batches it is given
+            def __init__(self):
+                super().__init__()
+                self.bn = torch.nn.BatchNorm1d(3)
+                self.batches = []
+
+            def forward(self, batch):
+                self.batches.append(batch)
+                self.bn(torch.stack([x["image"].float().mean((1, 2)) for x in batch]))
+
+        late = [
+            "INPUT.HARD_AUG.ENABLED", True, "INPUT.MASK_FORMAT", "bitmask",
+            "INPUT.HARD_AUG.PROB", 1.0, "INPUT.HARD_AUG.START_ITER", 3,
+        ]  # fmt: skip
+        with tempfile.TemporaryDirectory() as d:
+            json_file = generate_shapes(d, "train", 4, seed=5)
+            register_coco_json("hard_aug_bn", json_file, os.path.join(d, "train"))
+            plain = self._batches(d, "hard_aug_bn", [], n=2, ims=2)
+            seen = {}
+            for hook_class in (PreciseBN, hooks.PreciseBN):  # this project's, detectron2's
+                model = Recorder()
+                hook = hook_class(0, model, self._loader(d, "hard_aug_bn", late, ims=2), 1)
+                for iteration in (0, 5):  # before START_ITER, after it
+                    hook.trainer = SimpleNamespace(iter=iteration)
+                    hook.update_stats()
+                seen[hook_class] = [
+                    [torch.equal(x["image"], y["image"]) for x, y in zip(a, b)]
+                    for a, b in zip(model.batches, plain)
+                ]
+        self.assertEqual(seen[PreciseBN], [[True, True], [False, False]])
+        # detectron2's counts the iterations of its own stream from 0: still clean at 5
+        self.assertEqual(seen[hooks.PreciseBN], [[True, True], [True, True]])
 
     def test_the_loader_keeps_the_annotated_boxes_unless_occlusion_cuts_them(self):
         with tempfile.TemporaryDirectory() as d:

@@ -203,7 +203,7 @@ class IterationGate(Augmentation):
     belongs to iteration ``first_iteration + n * workers // images_per_batch``, exact with one
     worker and within ``workers`` iterations with more. The count is part of the data stream: an
     exact resume replays it (``DATALOADER.EXACT_RESUME``); a resume without replay sets
-    :attr:`first_iteration` (``ResumableLoader.begin_at``) before the workers start."""
+    :meth:`begin_at` (``ResumableLoader.begin_at``) before the workers start."""
 
     def __init__(self, start_iter: int, images_per_batch: int, workers: int):
         super().__init__()
@@ -215,6 +215,11 @@ class IterationGate(Augmentation):
         self.first_iteration = 0
         self.images = 0
         self.open = start_iter == 0
+
+    def begin_at(self, iteration: int) -> None:
+        """The next image this worker maps starts training iteration ``iteration``."""
+        self.first_iteration = iteration
+        self.images = 0
 
     def iteration(self) -> int:
         """The training iteration of the next image this worker maps."""

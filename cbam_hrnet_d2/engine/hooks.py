@@ -5,6 +5,8 @@
   evaluation and writers, the two hooks below, and preemption.
 * :class:`MemoryMonitor` and :class:`BadImageCounter` put what a long run needs to know into
   metrics.json: resident memory and the number of images skipped as unusable.
+* :class:`PreciseBN`: detectron2's, its statistics from the images training maps at that
+  iteration (``INPUT.HARD_AUG.START_ITER``).
 """
 
 import logging
@@ -21,9 +23,20 @@ from cbam_hrnet_d2.engine.preemption import Preemption
 from cbam_hrnet_d2.engine.resume import ExactResume, ResumableLoader
 from cbam_hrnet_d2.utils.memory import rss_mib
 
-__all__ = ["MemoryMonitor", "BadImageCounter", "build_training_hooks"]
+__all__ = ["MemoryMonitor", "BadImageCounter", "PreciseBN", "build_training_hooks"]
 
 logger = logging.getLogger(__name__)
+
+
+class PreciseBN(hooks.PreciseBN):
+    """detectron2's ``PreciseBN`` whose loader (a :class:`ResumableLoader` mapping in this process:
+    ``DATALOADER.NUM_WORKERS 0``) is put at the trainer's iteration before each update, so that
+    iteration gates such as ``INPUT.HARD_AUG.START_ITER`` give the statistics the images training
+    sees then, not those of iteration 0."""
+
+    def update_stats(self):
+        self._data_loader.begin_at(self.trainer.iter)
+        super().update_stats()
 
 
 class MemoryMonitor(HookBase):

@@ -118,9 +118,10 @@ class ResumableLoader:
     def begin_at(self, iteration: int) -> None:
         """The stream's first batch is training iteration ``iteration`` (a resume without replay):
         the loader's ``iteration_gates`` (``augment.IterationGate``, e.g. ``INPUT.HARD_AUG.
-        START_ITER``) count from there. Call before the first ``iter()``: the workers copy them."""
+        START_ITER``) count from there. Call before the first ``iter()``: the workers copy them
+        (with ``DATALOADER.NUM_WORKERS 0`` they map in this process: a call moves them at once)."""
         for gate in getattr(self.loader, "iteration_gates", ()):
-            gate.first_iteration = iteration
+            gate.begin_at(iteration)
 
     def __iter__(self) -> Iterator:
         it, self._started = self._started, None

@@ -17,7 +17,7 @@ from cbam_hrnet_d2.checkpoint.checkpointer import SafeCheckpointer
 from cbam_hrnet_d2.data.build import build_test_loader, build_train_loader
 from cbam_hrnet_d2.device import ddp_device_ids
 from cbam_hrnet_d2.engine.amp import build_step_trainer
-from cbam_hrnet_d2.engine.hooks import build_training_hooks
+from cbam_hrnet_d2.engine.hooks import PreciseBN, build_training_hooks
 from cbam_hrnet_d2.engine.optimizer import build_optimizer
 from cbam_hrnet_d2.engine.results import write_results
 from cbam_hrnet_d2.engine.resume import ResumableLoader
@@ -123,7 +123,7 @@ class Trainer(DefaultTrainer):
             bn_cfg.defrost()
             bn_cfg.DATALOADER.NUM_WORKERS = 0  # as detectron2: less memory and time for PreciseBN
             loader = self.build_train_loader(bn_cfg)
-            precise_bn = hooks.PreciseBN(
+            precise_bn = PreciseBN(
                 cfg.TEST.EVAL_PERIOD, self.model, loader, cfg.TEST.PRECISE_BN.NUM_ITER
             )
         return build_training_hooks(
