@@ -242,6 +242,13 @@ class TestHardAugmentation(unittest.TestCase):
             ]  # fmt: skip
             fresh = self._batches(d, "hard_aug_start", late, n=2, ims=2)
             resumed = self._batches(d, "hard_aug_start", late, n=1, ims=2, begin_at=1)
+            # the same in a data-loader worker process, which maps with its copy of the gate
+            # (against a gate that stays closed: a worker draws from its own random stream)
+            worker = [*late, "DATALOADER.NUM_WORKERS", 1]
+            closed = self._batches(d, "hard_aug_start", [*worker, "INPUT.HARD_AUG.START_ITER", 9],
+                                   n=2, ims=2)  # fmt: skip
+            in_worker = self._batches(d, "hard_aug_start", worker, n=2, ims=2)
+            resumed_in_worker = self._batches(d, "hard_aug_start", worker, ims=2, begin_at=1)
 
         def same(a, b):
             return [torch.equal(x["image"], y["image"]) for x, y in zip(a, b)]
@@ -249,6 +256,9 @@ class TestHardAugmentation(unittest.TestCase):
         self.assertEqual(same(fresh[0], plain[0]), [True, True])  # iteration 0: clean
         self.assertEqual(same(fresh[1], plain[1]), [False, False])  # iteration 1: corrupted
         self.assertEqual(same(resumed[0], plain[0]), [False, False])  # the stream began at 1
+        self.assertEqual(same(in_worker[0], closed[0]), [True, True])
+        self.assertEqual(same(in_worker[1], closed[1]), [False, False])
+        self.assertEqual(same(resumed_in_worker[0], closed[0]), [False, False])
 
     def test_precise_bn_sees_the_images_training_sees_at_its_iteration(self):
         class Recorder(torch.nn.Module):  # a model with BN that keeps the batches it is given
