@@ -58,6 +58,11 @@ def _transform(tfm, image, ann):
     return out
 
 
+def _same_images(a, b):
+    """Per image of two batches: are the images equal?"""
+    return [torch.equal(x["image"], y["image"]) for x, y in zip(a, b)]
+
+
 class TestHardAugmentation(unittest.TestCase):
     def setUp(self):
         self.image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
@@ -250,15 +255,13 @@ class TestHardAugmentation(unittest.TestCase):
             in_worker = self._batches(d, "hard_aug_start", worker, n=2, ims=2)
             resumed_in_worker = self._batches(d, "hard_aug_start", worker, ims=2, begin_at=1)
 
-        def same(a, b):
-            return [torch.equal(x["image"], y["image"]) for x, y in zip(a, b)]
-
-        self.assertEqual(same(fresh[0], plain[0]), [True, True])  # iteration 0: clean
-        self.assertEqual(same(fresh[1], plain[1]), [False, False])  # iteration 1: corrupted
-        self.assertEqual(same(resumed[0], plain[0]), [False, False])  # the stream began at 1
-        self.assertEqual(same(in_worker[0], closed[0]), [True, True])
-        self.assertEqual(same(in_worker[1], closed[1]), [False, False])
-        self.assertEqual(same(resumed_in_worker[0], closed[0]), [False, False])
+        self.assertEqual(_same_images(fresh[0], plain[0]), [True, True])  # iteration 0: clean
+        self.assertEqual(_same_images(fresh[1], plain[1]), [False, False])  # iteration 1: corrupted
+        # the stream began at 1
+        self.assertEqual(_same_images(resumed[0], plain[0]), [False, False])
+        self.assertEqual(_same_images(in_worker[0], closed[0]), [True, True])
+        self.assertEqual(_same_images(in_worker[1], closed[1]), [False, False])
+        self.assertEqual(_same_images(resumed_in_worker[0], closed[0]), [False, False])
 
     def test_precise_bn_sees_the_images_training_sees_at_its_iteration(self):
         class Recorder(torch.nn.Module):  # a model with BN that keeps the batches it is given
@@ -286,10 +289,7 @@ class TestHardAugmentation(unittest.TestCase):
                 for iteration in (0, 5):  # before START_ITER, after it
                     hook.trainer = SimpleNamespace(iter=iteration)
                     hook.update_stats()
-                seen[hook_class] = [
-                    [torch.equal(x["image"], y["image"]) for x, y in zip(a, b)]
-                    for a, b in zip(model.batches, plain)
-                ]
+                seen[hook_class] = [_same_images(a, b) for a, b in zip(model.batches, plain)]
         self.assertEqual(seen[PreciseBN], [[True, True], [False, False]])
         # detectron2's counts the iterations of its own stream from 0: still clean at 5
         self.assertEqual(seen[hooks.PreciseBN], [[True, True], [True, True]])
