@@ -8,6 +8,7 @@ the quickstart recipe; tools/gpu_check.sh trains one on the GPU first) and are s
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from cbam_hrnet_d2.checkpoint import SafeCheckpointer
 from cbam_hrnet_d2.engine.amp import trainer_class
 from cbam_hrnet_d2.testing import calibrate_norm_statistics, synthetic_batch
 
-from .common import REPO, SHAPES_CONFIG, get_config, requires_cuda
+from .common import DEFAULT_CONFIG, REPO, SHAPES_CONFIG, get_config, requires_cuda
 from .test_preemption import PreemptionCase, final_weights
 from .test_training import run_train_net
 
@@ -33,8 +34,34 @@ requires_model = unittest.skipIf(
 )
 
 
+def tree_config(config_file=DEFAULT_CONFIG, opts=(), device="cpu"):
+    """The config a CUDA test builds: ``MODEL.WEIGHTS`` empty, so it needs nothing the working tree
+    does not hold (the GPU machine gets the tree alone: no ``weights/``, ``output/`` or dataset
+    that tools/gpu_check.sh does not make)."""
+    return get_config(config_file, [*opts, "MODEL.WEIGHTS", ""], device)
+
+
 def relative_error(a, b):
     return ((a - b).abs().max() / a.abs().max().clamp(min=1.0)).item()
+
+
+class TestCudaTestsNeedOnlyTheTree(unittest.TestCase):
+    """Run on the CPU, everywhere: what the CUDA tests build must not need an ignored file."""
+
+    def test_every_cuda_test_config_builds_a_predictor_in_an_empty_directory(self):
+        from detectron2.engine import DefaultPredictor
+
+        with tempfile.TemporaryDirectory() as d:
+            self.enterContext(_chdir(d))  # no weights/ here, whatever the checkout holds
+            for config in (DEFAULT_CONFIG, SHAPES_CONFIG):
+                with self.subTest(config=os.path.basename(config)):
+                    self.assertIsNotNone(DefaultPredictor(tree_config(config)).model)
+
+    def test_the_cuda_tests_read_configs_only_through_tree_config(self):
+        with open(__file__) as f:
+            source = f.read()
+        calls = re.findall(r"(?<![\w.])get_config\(", source)
+        self.assertEqual(len(calls), 1, "tests/test_cuda.py: build configs with tree_config()")
 
 
 @pytest.mark.cuda
@@ -49,7 +76,7 @@ class TestModelOnCuda(unittest.TestCase):
 
         from cbam_hrnet_d2.cpu import SparseROIAlign
 
-        cfg = get_config(device="cuda")
+        cfg = tree_config(device="cuda")
         for door, model in (
             ("build_model", build_model(cfg)),
             ("DefaultPredictor", DefaultPredictor(cfg).model),
@@ -66,7 +93,7 @@ class TestModelOnCuda(unittest.TestCase):
         # the hooks autocast on the device of the head's weights (on "cpu" they would run fp32)
         from cbam_hrnet_d2.cpu import cpu_speedups
 
-        cfg = get_config(SHAPES_CONFIG, ["TEST.PRECISION", "bf16"], device="cuda")
+        cfg = tree_config(SHAPES_CONFIG, ["TEST.PRECISION", "bf16"], device="cuda")
         model = build_model(cfg).eval()
         off = dict(channels_last=False, sparse_roi_align=False, fold_bn=False)
         cpu_speedups(model, **off, bf16_heads=True)
@@ -82,9 +109,9 @@ class TestModelOnCuda(unittest.TestCase):
     def test_build_and_forward_on_the_gpu_equal_the_cpu_model(self):
         torch.manual_seed(0)
         x = torch.rand(1, 3, 256, 320) * 2 - 1
-        cpu = build_model(get_config()).eval()
+        cpu = build_model(tree_config()).eval()
         calibrate_norm_statistics(cpu.backbone, x)
-        gpu = build_model(get_config(device="cuda")).eval()
+        gpu = build_model(tree_config(device="cuda")).eval()
         gpu.load_state_dict(cpu.state_dict())
         self.assertEqual(next(gpu.parameters()).device.type, "cuda")
         # the CUDA model is detectron2's standard one: no CPU speed layer
@@ -100,13 +127,13 @@ class TestModelOnCuda(unittest.TestCase):
     def test_a_gpu_checkpoint_loads_on_the_cpu_and_back_with_the_same_outputs(self):
         torch.manual_seed(0)
         x = torch.rand(1, 3, 128, 160) * 2 - 1
-        gpu = build_model(get_config(SHAPES_CONFIG, device="cuda")).eval()
+        gpu = build_model(tree_config(SHAPES_CONFIG, device="cuda")).eval()
         with tempfile.TemporaryDirectory() as d:
             SafeCheckpointer(gpu, d).save("gpu")
-            cpu = build_model(get_config(SHAPES_CONFIG)).eval()
+            cpu = build_model(tree_config(SHAPES_CONFIG)).eval()
             SafeCheckpointer(cpu).load(os.path.join(d, "gpu.pth"))
             SafeCheckpointer(cpu, d).save("cpu")
-            back = build_model(get_config(SHAPES_CONFIG, device="cuda")).eval()
+            back = build_model(tree_config(SHAPES_CONFIG, device="cuda")).eval()
             SafeCheckpointer(back).load(os.path.join(d, "cpu.pth"))
         with torch.no_grad():
             on_gpu, on_cpu = gpu.backbone(x.cuda()), cpu.backbone(x)
@@ -114,6 +141,18 @@ class TestModelOnCuda(unittest.TestCase):
         for name in on_gpu:
             self.assertTrue(torch.equal(on_gpu[name], again[name]), name)
             self.assertLess(relative_error(on_cpu[name], on_gpu[name].cpu()), 1e-3, name)
+
+
+class _chdir:
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        self.saved = os.getcwd()
+        os.chdir(self.path)
+
+    def __exit__(self, *exc):
+        os.chdir(self.saved)
 
 
 class _no_tf32:
@@ -131,7 +170,7 @@ class TestTrainingStepsOnCuda(unittest.TestCase):
     def steps(self, amp: bool, precision: str = "auto", n: int = 20):
         """Total losses of ``n`` steps fitting one fixed batch on the GPU."""
         torch.manual_seed(0)
-        cfg = get_config(SHAPES_CONFIG, device="cuda")
+        cfg = tree_config(SHAPES_CONFIG, device="cuda")
         model = build_model(cfg).train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         batch = synthetic_batch(4, 128, 192, num_instances=3)

@@ -9,7 +9,7 @@ FixedWork: 1000 boxes through the box head, 100 through the mask head) at 800x12
 training seconds per iteration at batch 2 with the RPN's proposals fixed (FixedProposals), each the
 median after warm-up calls with the GPU synchronised around every call; peak GPU memory of
 training. Random-init weights with calibrated norm statistics, as the CPU benchmark. Writes
-gpu_timing.md and gpu_timing.json.
+gpu_timing.md and gpu_timing.json after every row.
 """
 
 import argparse
@@ -29,6 +29,7 @@ from cbam_hrnet_d2.benchmark import REFERENCE, FixedProposals, FixedWork, load_c
 from cbam_hrnet_d2.cpu import CPU_SPEEDUPS, cpu_speedups
 from cbam_hrnet_d2.device import AMP_PRECISIONS
 from cbam_hrnet_d2.testing import calibrate_norm_statistics, synthetic_batch
+from cbam_hrnet_d2.utils.files import atomic_write_text
 
 logger = logging.getLogger("cbam_hrnet_d2.gpu_timing")
 
@@ -124,6 +125,16 @@ def time_train(config, opts, speedups, amp, h, w, iters, device="cuda", warmup=3
     return seconds, peak
 
 
+def write_tables(out: str, meta: dict, rows: list) -> str:
+    """gpu_timing.json and gpu_timing.md in ``out``, each replaced whole (atomic write); returns
+    the markdown."""
+    md = f"{meta}\n\n" + tabulate(rows, headers="keys", tablefmt="pipe", floatfmt=".4f")
+    table = json.dumps({"meta": meta, "rows": rows}, indent=2)
+    atomic_write_text(os.path.join(out, "gpu_timing.json"), table)
+    atomic_write_text(os.path.join(out, "gpu_timing.md"), md + "\n")
+    return md
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", nargs=2, type=int, default=[800, 1216])
@@ -140,6 +151,14 @@ def main() -> None:
     args = parser.parse_args()
     setup_logger(name="cbam_hrnet_d2")
     h, w = args.size
+    os.makedirs(args.out, exist_ok=True)
+    meta = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "size": [h, w],
+        "iters": args.iters,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
     rows = []
     chosen = list(ROWS.items())[: args.rows]
     for i, (name, (config, opts, speedups, amp)) in enumerate(chosen):
@@ -156,21 +175,10 @@ def main() -> None:
             logger.exception("row %s failed", name)
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
+        # after every row: a run cut at its limit keeps the rows it finished
+        md = write_tables(args.out, {**meta, "rows_done": f"{i + 1}/{len(chosen)}"}, rows)
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    meta = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "size": [h, w],
-        "iters": args.iters,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_timing.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    md = f"{meta}\n\n" + tabulate(rows, headers="keys", tablefmt="pipe", floatfmt=".4f")
-    with open(os.path.join(args.out, "gpu_timing.md"), "w") as f:
-        f.write(md + "\n")
     logger.info("GPU timing:\n%s", md)
     failed = [r["row"] for r in rows if "error" in r]
     if failed:  # the table is written either way; the step's exit status says it is incomplete
