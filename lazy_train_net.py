@@ -70,8 +70,8 @@ def do_train(args, cfg):
     logger.info("Trainer: %s", type(trainer).__name__)
     checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.checkpointer = checkpointer  # the Preemption hook saves through it
-    # MODEL_EMA of the YAML configs (enabled, decay, period); their defaults where it is silent
-    ema = {k.lower(): v for k, v in default_config().MODEL_EMA.items()}
+    # CBAM_HRNET.EMA of the YAML configs (enabled, decay, period); their defaults where it is silent
+    ema = {k.lower(): v for k, v in default_config().CBAM_HRNET.EMA.items()}
     ema.update(cfg.train.get("model_ema", {}))
     trainer.register_hooks(
         build_training_hooks(
@@ -126,9 +126,9 @@ def invoke_main() -> None:
         device=cfg.train.device,
         output_dir=cfg.train.output_dir,
         output_dir_opts=lambda folder: [f"train.output_dir={folder}"],
-        # RUN_LOCK.LEASE_SECONDS of the YAML configs
+        # CBAM_HRNET.RUN_LOCK.LEASE_SECONDS of the YAML configs
         lock_lease_s=cfg.train.get(
-            "run_lock_lease_seconds", default_config().RUN_LOCK.LEASE_SECONDS
+            "run_lock_lease_seconds", default_config().CBAM_HRNET.RUN_LOCK.LEASE_SECONDS
         ),
     )
 

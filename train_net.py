@@ -63,7 +63,7 @@ def invoke_main() -> None:
         device=cfg.MODEL.DEVICE,
         output_dir=cfg.OUTPUT_DIR,
         output_dir_opts=lambda folder: ["OUTPUT_DIR", folder],
-        lock_lease_s=cfg.RUN_LOCK.LEASE_SECONDS,
+        lock_lease_s=cfg.CBAM_HRNET.RUN_LOCK.LEASE_SECONDS,
     )
 
 

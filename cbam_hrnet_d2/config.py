@@ -29,24 +29,27 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     HRNet-W18 with CBAM (r=16, k=7) on all four stage-4 branches."""
     _C = cfg
 
-    _C.MODEL.HRNET = CN()
+    # Every node below that is not detectron2's is ours alone: MODEL.CBAM_HRNET (DensePose creates
+    # MODEL.HRNET for its HRFPN), CBAM_HRNET.EMA (d2go owns MODEL_EMA), CBAM_HRNET.RUN_LOCK, so
+    # this function can run before or after another project's add_*_config.
+    _C.MODEL.CBAM_HRNET = CN()
     # HRNet width W = channels of the highest-resolution branch. Options: 18, 32, 48 (timm
     # hrnet_w*).
-    _C.MODEL.HRNET.WIDTH = 18
+    _C.MODEL.CBAM_HRNET.WIDTH = 18
     # Norm in the trunk. Options: FrozenBN (detectron2's choice for ImageNet-initialised backbones;
     # needs weights), BN, SyncBN, GN (most groups <= 32 dividing C; SyncBN/GN for training from
     # scratch). SyncBN becomes detectron2's naiveSyncBN on CPU (works across gloo processes). Stages
     # frozen by MODEL.BACKBONE.FREEZE_AT (1 = stem, 2 = +stage1, ... 5 = all) become FrozenBN
     # anyway.
-    _C.MODEL.HRNET.NORM = "FrozenBN"
+    _C.MODEL.CBAM_HRNET.NORM = "FrozenBN"
     # ImageNet HRNet checkpoint (timm .pth/.safetensors, official HRNet .pth, or a converted file)
     # loaded into the trunk at build time; "" = random init. A set MODEL.WEIGHTS wins over it.
-    _C.MODEL.HRNET.PRETRAINED = ""
+    _C.MODEL.CBAM_HRNET.PRETRAINED = ""
     # In training, keep only the inputs of each stage-2..4 HRNet module and recompute it in
     # backward: less peak memory for more time per step (docs/benchmark.md). For a machine too
     # small for the batch; applied with FrozenBN/GN norms only (BatchNorm in training mode would
     # update its statistics twice).
-    _C.MODEL.HRNET.ACTIVATION_CHECKPOINTING = False
+    _C.MODEL.CBAM_HRNET.ACTIVATION_CHECKPOINTING = False
 
     _C.MODEL.CBAM = CN()
     # Add CBAM blocks at all (False = plain HRNet + FPN, the ablation baseline).
@@ -70,7 +73,7 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # kernel runs one thread).
     _C.MODEL.CPU.SPARSE_ROI_ALIGN = True
     # In eval mode, run the HRNet trunk with its BatchNorms folded into the convs (folded from the
-    # live weights; no effect with MODEL.HRNET.NORM "GN").
+    # live weights; no effect with MODEL.CBAM_HRNET.NORM "GN").
     _C.MODEL.CPU.FOLD_BN = True
     # In eval mode, run the RPN, box and mask heads under bf16 autocast where TEST.PRECISION runs
     # bf16 ("bf16", or "auto" on a CPU with native bf16, any input size); their outputs come back
@@ -105,24 +108,26 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # docs/training.md). Costs one pass of data loading over the iterations already done.
     _C.DATALOADER.EXACT_RESUME = False
 
+    # This project's training-run options (not the model's): the run lock and the weight average.
+    _C.CBAM_HRNET = CN()
     # The lock of OUTPUT_DIR (cbam_hrnet_d2/engine/lock.py): the holding process renews it every
     # third of this many seconds; a lock not renewed for longer is stale on any host and taken over
     # with a warning (a job killed without cleanup and requeued on another node starts by itself).
-    _C.RUN_LOCK = CN()
-    _C.RUN_LOCK.LEASE_SECONDS = 180.0
+    _C.CBAM_HRNET.RUN_LOCK = CN()
+    _C.CBAM_HRNET.RUN_LOCK.LEASE_SECONDS = 180.0
 
     # Exponential moving average of the weights in training (cbam_hrnet_d2/engine/ema.py): every
     # evaluation runs the averaged weights, and model_final.pth holds them; the average is part of
     # each checkpoint, so --resume continues it exactly.
-    _C.MODEL_EMA = CN()
+    _C.CBAM_HRNET.EMA = CN()
     # Keep the average at all.
-    _C.MODEL_EMA.ENABLED = False
+    _C.CBAM_HRNET.EMA.ENABLED = False
     # Its decay per step, in (0, 1) (after a warm-up of (1 + n) / (10 + n) over the first steps):
     # 0.99 averages over about the last 100 steps, 0.999 over about the last 1000.
-    _C.MODEL_EMA.DECAY = 0.999
+    _C.CBAM_HRNET.EMA.DECAY = 0.999
     # Move the average every this many steps (by DECAY to that power): an update reads and writes
     # every weight (0.1-0.2 s for the shapes model on 2 cores); 10 brings that to ~1.5% of a step.
-    _C.MODEL_EMA.PERIOD = 10
+    _C.CBAM_HRNET.EMA.PERIOD = 10
 
     # Mixed precision of SOLVER.AMP.ENABLED training. Options: "auto" (fp16 on CUDA as detectron2,
     # bf16 on the CPU), "fp16" (CUDA only, with detectron2's grad scaler), "bf16" (no scaler).
@@ -190,14 +195,15 @@ def warn_if_frozen_norms_start_random(cfg) -> bool:
     random init: its frozen statistics then stay mean 0 / variance 1, so nothing normalises the
     activations."""
     backbone = cfg.MODEL.BACKBONE.NAME
-    if not backbone.startswith("build_cbam_hrnet") or cfg.MODEL.HRNET.NORM != "FrozenBN":
+    if not backbone.startswith("build_cbam_hrnet") or cfg.MODEL.CBAM_HRNET.NORM != "FrozenBN":
         return False
-    if cfg.MODEL.WEIGHTS or cfg.MODEL.HRNET.PRETRAINED:
+    if cfg.MODEL.WEIGHTS or cfg.MODEL.CBAM_HRNET.PRETRAINED:
         return False
     logger.warning(
-        "MODEL.HRNET.NORM is FrozenBN but neither MODEL.WEIGHTS nor MODEL.HRNET.PRETRAINED is "
-        "set: the trunk trains from random init without normalisation. Give ImageNet weights, or "
-        "set MODEL.HRNET.NORM SyncBN (or GN) and MODEL.BACKBONE.FREEZE_AT 0 "
+        "MODEL.CBAM_HRNET.NORM is FrozenBN but neither MODEL.WEIGHTS nor "
+        "MODEL.CBAM_HRNET.PRETRAINED is set: the trunk trains from random init without "
+        "normalisation. Give ImageNet weights, or set MODEL.CBAM_HRNET.NORM SyncBN (or GN) and "
+        "MODEL.BACKBONE.FREEZE_AT 0 "
         "(configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml)."
     )
     return True

@@ -83,7 +83,8 @@ def is_exporting() -> bool:
 
 
 def trunk_norm(norm: str, device) -> str:
-    """The norm the HRNet trunk is built with for ``MODEL.HRNET.NORM`` = ``norm`` on ``device``:
+    """The norm the HRNet trunk is built with for ``MODEL.CBAM_HRNET.NORM`` = ``norm`` on
+    ``device``:
     "SyncBN" becomes detectron2's "naiveSyncBN" on the CPU (torch's SyncBatchNorm needs CUDA across
     processes; detectron2's all-reduce version runs on gloo)."""
     return "naiveSyncBN" if norm == "SyncBN" and is_cpu(device) else norm

@@ -30,7 +30,7 @@ class TestTrunk(unittest.TestCase):
         x = torch.rand(2, 3, 64, 96)
         for width in (18, 32, 48):
             with self.subTest(width=width):
-                model = build(TRUNK + ["MODEL.HRNET.WIDTH", width]).eval()
+                model = build(TRUNK + ["MODEL.CBAM_HRNET.WIDTH", width]).eval()
                 shapes = model.output_shape()
                 self.assertEqual(list(shapes), list(HRNET_FEATURES))
                 self.assertEqual([s.stride for s in shapes.values()], [4, 8, 16, 32])
@@ -87,7 +87,7 @@ class TestTrunk(unittest.TestCase):
         for freeze_at in range(len(HRNET_STAGES) + 1):
             with self.subTest(freeze_at=freeze_at):
                 model = build(
-                    TRUNK + ["MODEL.BACKBONE.FREEZE_AT", freeze_at, "MODEL.HRNET.NORM", "BN"]
+                    TRUNK + ["MODEL.BACKBONE.FREEZE_AT", freeze_at, "MODEL.CBAM_HRNET.NORM", "BN"]
                 )
                 frozen = {m for group in HRNET_STAGES[:freeze_at] for m in group}
                 for name, p in model.named_parameters():
@@ -113,14 +113,16 @@ class TestTrunk(unittest.TestCase):
         }
         for norm, cls in expected.items():
             with self.subTest(norm=norm):
-                model = build(TRUNK + ["MODEL.HRNET.NORM", norm, "MODEL.BACKBONE.FREEZE_AT", 0])
+                model = build(
+                    TRUNK + ["MODEL.CBAM_HRNET.NORM", norm, "MODEL.BACKBONE.FREEZE_AT", 0]
+                )
                 self.assertIsInstance(model.trunk.bn1, cls)
                 self.assertIsInstance(model.trunk.stage4[0].branches[0][0].bn1, cls)
                 out = model(torch.rand(2, 3, 64, 64))
                 self.assertTrue(all(torch.isfinite(t).all() for t in out.values()))
 
     def test_group_norm_uses_groups_dividing_branch_width(self):
-        model = build(TRUNK + ["MODEL.HRNET.NORM", "GN"])
+        model = build(TRUNK + ["MODEL.CBAM_HRNET.NORM", "GN"])
         gn = model.trunk.stage4[0].branches[0][0].bn1
         self.assertEqual((gn.num_channels, gn.num_groups), (18, 18))
 
@@ -154,13 +156,16 @@ class TestFPN(unittest.TestCase):
 
 
 class TestActivationCheckpointing(unittest.TestCase):
-    """MODEL.HRNET.ACTIVATION_CHECKPOINTING: same outputs and gradients, fewer kept activations."""
+    """MODEL.CBAM_HRNET.ACTIVATION_CHECKPOINTING: same outputs and gradients, fewer kept
+    activations."""
 
     X = torch.rand(2, 3, 128, 160) * 2 - 1
 
     def build(self, on: bool, opts=()):
         torch.manual_seed(0)
-        model = build_model(get_config(opts=["MODEL.HRNET.ACTIVATION_CHECKPOINTING", on, *opts]))
+        model = build_model(
+            get_config(opts=["MODEL.CBAM_HRNET.ACTIVATION_CHECKPOINTING", on, *opts])
+        )
         return model.backbone.bottom_up
 
     def pair(self):
@@ -178,11 +183,11 @@ class TestActivationCheckpointing(unittest.TestCase):
         self.assertEqual(recomputed(self.build(True)), 8)  # 1 + 4 + 3 modules of stages 2..4
         with self.assertLogs("cbam_hrnet_d2.modeling.backbone", "INFO") as logs:
             bn_trunk = self.build(
-                True, ["MODEL.HRNET.NORM", "SyncBN", "MODEL.BACKBONE.FREEZE_AT", 0]
+                True, ["MODEL.CBAM_HRNET.NORM", "SyncBN", "MODEL.BACKBONE.FREEZE_AT", 0]
             )
         self.assertEqual(recomputed(bn_trunk), 0)
         self.assertIn("would update its statistics twice", "\n".join(logs.output))
-        self.assertIn("MODEL.HRNET.NORM FrozenBN or GN", "\n".join(logs.output))
+        self.assertIn("MODEL.CBAM_HRNET.NORM FrozenBN or GN", "\n".join(logs.output))
 
     def test_batchnorm_modules_are_left_unchanged_by_the_library_function_too(self):
         # one policy (issue 16): recompute_hrnet_modules skips what the config path skips

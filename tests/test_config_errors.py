@@ -16,10 +16,10 @@ def _build(opts):
 
 class TestBadValues(unittest.TestCase):
     cases = [
-        (["MODEL.HRNET.WIDTH", 24], "MODEL.HRNET.WIDTH", "24", "18, 32, 48"),
+        (["MODEL.CBAM_HRNET.WIDTH", 24], "MODEL.CBAM_HRNET.WIDTH", "24", "18, 32, 48"),
         (
-            ["MODEL.HRNET.NORM", "LN"],
-            "MODEL.HRNET.NORM",
+            ["MODEL.CBAM_HRNET.NORM", "LN"],
+            "MODEL.CBAM_HRNET.NORM",
             "'LN'",
             "'BN', 'SyncBN', 'FrozenBN', 'GN'",
         ),
@@ -57,8 +57,8 @@ class TestBadValues(unittest.TestCase):
 
     def test_unknown_command_line_key_fails_naming_it(self):
         # yacs reports command-line typos with an AssertionError
-        with self.assertRaisesRegex(AssertionError, "MODEL.HRNET.WIDHT"):
-            get_config(opts=["MODEL.HRNET.WIDHT", 32])
+        with self.assertRaisesRegex(AssertionError, "MODEL.CBAM_HRNET.WIDHT"):
+            get_config(opts=["MODEL.CBAM_HRNET.WIDHT", 32])
 
 
 class TestBadTrainingValues(unittest.TestCase):

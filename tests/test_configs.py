@@ -5,16 +5,17 @@ import os
 import unittest
 
 import torch
+from detectron2.config import CfgNode as CN
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from cbam_hrnet_d2.config import warn_if_frozen_norms_start_random
+from cbam_hrnet_d2.config import add_cbam_hrnet_config, warn_if_frozen_norms_start_random
 from cbam_hrnet_d2.testing import calibrate_norm_statistics
 
-from .common import CONFIGS, collect_config_files, get_config
+from .common import CONFIGS, DEFAULT_CONFIG, collect_config_files, get_config
 
 
 def _prepare_random_model_for_eval(model):
@@ -53,7 +54,7 @@ class TestRecipes(unittest.TestCase):
 
     def test_coco_recipe_freezes_stem_and_stage1_and_uses_frozen_bn(self):
         cfg = get_config()
-        self.assertEqual((cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.HRNET.NORM), (2, "FrozenBN"))
+        self.assertEqual((cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.CBAM_HRNET.NORM), (2, "FrozenBN"))
         trunk = build_model(cfg).backbone.bottom_up.trunk
         norms = [m for m in trunk.modules() if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d))]
         self.assertTrue(norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms))
@@ -69,11 +70,12 @@ class TestRecipes(unittest.TestCase):
             with self.subTest(config=os.path.basename(path)):
                 cfg = get_config(path)
                 self.assertEqual(
-                    (cfg.MODEL.WEIGHTS, cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.HRNET.NORM),
+                    (cfg.MODEL.WEIGHTS, cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.CBAM_HRNET.NORM),
                     ("", 0, norm),
                 )
                 self.assertFalse(warn_if_frozen_norms_start_random(cfg))
-                self.assertFalse(cfg.MODEL.HRNET.ACTIVATION_CHECKPOINTING)  # off on every device
+                # off on every device
+                self.assertFalse(cfg.MODEL.CBAM_HRNET.ACTIVATION_CHECKPOINTING)
                 trunk = build_model(cfg).backbone.bottom_up.trunk
                 self.assertTrue(all(p.requires_grad for p in trunk.parameters()))
 
@@ -83,10 +85,10 @@ class TestRecipes(unittest.TestCase):
             self.assertTrue(
                 warn_if_frozen_norms_start_random(get_config(opts=["MODEL.WEIGHTS", ""]))
             )
-        self.assertIn("MODEL.HRNET.NORM SyncBN", "\n".join(logs.output))
+        self.assertIn("MODEL.CBAM_HRNET.NORM SyncBN", "\n".join(logs.output))
         self.assertFalse(
             warn_if_frozen_norms_start_random(
-                get_config(opts=["MODEL.WEIGHTS", "", "MODEL.HRNET.PRETRAINED", "in1k.pth"])
+                get_config(opts=["MODEL.WEIGHTS", "", "MODEL.CBAM_HRNET.PRETRAINED", "in1k.pth"])
             )
         )
 
@@ -137,3 +139,43 @@ class TestEveryConfig(unittest.TestCase):
         self.assertEqual(seen, {"box": (7, 7), "mask": (14, 14)})
         self.assertEqual(cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION, 7)
         self.assertEqual(cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION, 14)
+
+
+def _densepose_like_hrnet_config(cfg):
+    """What DensePose's ``add_hrnet_config`` does to a config (densepose/config.py): creates
+    ``MODEL.HRNET`` with its HRFPN keys (DensePose is not installed here: its node only)."""
+    cfg.MODEL.HRNET = CN()
+    cfg.MODEL.HRNET.STEM_INPLANES = 64
+    cfg.MODEL.HRNET.HRFPN = CN()
+    cfg.MODEL.HRNET.HRFPN.OUT_CHANNELS = 256
+
+
+def _d2go_like_ema_config(cfg):
+    """What d2go's ``add_model_ema_configs`` does: a top-level ``MODEL_EMA`` node."""
+    cfg.MODEL_EMA = CN()
+    cfg.MODEL_EMA.ENABLED = False
+    cfg.MODEL_EMA.DECAY = 0.9998
+
+
+class TestKeysBesideOtherProjects(unittest.TestCase):
+    """Our keys live in our own nodes: another project's add_*_config before or after ours keeps
+    both sets of keys."""
+
+    def test_ours_and_densepose_d2go_pointrend_keys_survive_either_order(self):
+        from detectron2.config import get_cfg
+        from detectron2.projects.point_rend import add_pointrend_config
+
+        others = (_densepose_like_hrnet_config, _d2go_like_ema_config, add_pointrend_config)
+        for ours_first in (True, False):
+            with self.subTest(ours_first=ours_first):
+                cfg = get_cfg()
+                steps = [add_cbam_hrnet_config, *others]
+                for add in steps if ours_first else steps[::-1]:
+                    add(cfg)
+                self.assertEqual(cfg.MODEL.HRNET.STEM_INPLANES, 64)
+                self.assertEqual(cfg.MODEL_EMA.DECAY, 0.9998)
+                self.assertIn("POINT_HEAD", cfg.MODEL)
+                self.assertEqual(cfg.MODEL.CBAM_HRNET.WIDTH, 18)
+                self.assertFalse(cfg.CBAM_HRNET.EMA.ENABLED)
+                self.assertEqual(cfg.CBAM_HRNET.RUN_LOCK.LEASE_SECONDS, 180.0)
+                cfg.merge_from_file(DEFAULT_CONFIG)  # and our YAML still merges

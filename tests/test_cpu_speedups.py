@@ -385,7 +385,7 @@ class TestFoldBatchnorm(unittest.TestCase):
         self.assertIsInstance(fold.view[1], torch.nn.Identity)
 
     def test_gn_trunk_is_left_alone(self):
-        plain, fast = build_pair(["MODEL.HRNET.NORM", "GN"])
+        plain, fast = build_pair(["MODEL.CBAM_HRNET.NORM", "GN"])
         x = torch.rand(1, 3, H, W)
         with torch.no_grad():
             pa, pb = plain.backbone(x), fast.backbone(x)

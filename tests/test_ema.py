@@ -1,5 +1,5 @@
-"""MODEL_EMA (cbam_hrnet_d2/engine/ema.py): the average follows its formula, evaluations run it and
-put the raw weights back, the final model holds it, and a resumed run continues it exactly."""
+"""CBAM_HRNET.EMA (cbam_hrnet_d2/engine/ema.py): the average follows its formula, evaluations run it
+and put the raw weights back, the final model holds it, and a resumed run continues it exactly."""
 
 import itertools
 import os
@@ -83,7 +83,9 @@ class TestModelEMA(unittest.TestCase):
             expected = {name: d * v + (1 - d) * raw[n - 1][name] for name, v in expected.items()}
         for name, v in expected.items():
             torch.testing.assert_close(model.state_dict()[name], v)
-        with self.assertRaisesRegex(ValueError, r"MODEL_EMA.PERIOD = 0 must be an integer >= 1"):
+        with self.assertRaisesRegex(
+            ValueError, r"CBAM_HRNET.EMA.PERIOD = 0 must be an integer >= 1"
+        ):
             ModelEMA(0.9, 0)
 
     def test_evaluations_run_the_average_and_put_the_raw_weights_back(self):
@@ -113,8 +115,8 @@ class TestModelEMA(unittest.TestCase):
 
     def test_the_keys_have_defaults_and_a_bad_decay_is_named(self):
         cfg = get_config(SHAPES_CONFIG)
-        self.assertFalse(cfg.MODEL_EMA.ENABLED)
-        with self.assertRaisesRegex(ValueError, r"MODEL_EMA.DECAY = 1.5 must lie in \(0, 1\)"):
+        self.assertFalse(cfg.CBAM_HRNET.EMA.ENABLED)
+        with self.assertRaisesRegex(ValueError, r"CBAM_HRNET.EMA.DECAY = 1.5 must lie in \(0, 1\)"):
             ModelEMA(1.5)
 
 

@@ -94,7 +94,7 @@ class TestOutputDirLock(unittest.TestCase):
         text = str(ctx.exception)
         self.assertIn("node-17.cluster", text)
         self.assertRegex(text, r"renewed its lock [01] s ago")
-        self.assertIn("taken over once it is 180 s old (RUN_LOCK.LEASE_SECONDS)", text)
+        self.assertIn("taken over once it is 180 s old (CBAM_HRNET.RUN_LOCK.LEASE_SECONDS)", text)
         self.assertIn(f"delete {os.path.join(self.out, LOCK_FILE)}", text)
 
     def test_a_lock_of_another_host_not_renewed_for_two_hours_is_taken_over(self):
@@ -116,7 +116,9 @@ class TestOutputDirLock(unittest.TestCase):
             os.utime(path, (0, 0))  # as if last renewed in 1970
             time.sleep(0.5)  # the renewer touches it every 0.1 s
             self.assertLess(time.time() - os.stat(path).st_mtime, 0.3)
-        with self.assertRaisesRegex(ValueError, "RUN_LOCK.LEASE_SECONDS = 0 must be > 0"):
+        with self.assertRaisesRegex(
+            ValueError, "CBAM_HRNET.RUN_LOCK.LEASE_SECONDS = 0 must be > 0"
+        ):
             with claim_output_dir(self.out, lease_s=0):
                 pass
 

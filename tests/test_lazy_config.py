@@ -158,7 +158,7 @@ class TestLazyConfigs(unittest.TestCase):
 
     def test_bad_width_override_names_the_value_and_the_allowed_ones(self):
         with self.assertRaisesRegex(
-            ValueError, r"width \(MODEL.HRNET.WIDTH\) = 19 .*allowed values: \[18, 32, 48\]"
+            ValueError, r"width \(MODEL.CBAM_HRNET.WIDTH\) = 19 .*allowed values: \[18, 32, 48\]"
         ):
             lazy_model(W18_LAZY, ["model.backbone.bottom_up.width=19"])
 

@@ -139,11 +139,11 @@ class TestTrainEvalResume(TrainingTestCase):
         from cbam_hrnet_d2.checkpoint import load_tensor_file
 
         out = self.out("ema")
-        opts = ["MODEL_EMA.ENABLED", True, "MODEL_EMA.DECAY", 0.9, "DATASETS.TEST", "()"]
+        opts = ["CBAM_HRNET.EMA.ENABLED", True, "CBAM_HRNET.EMA.DECAY", 0.9, "DATASETS.TEST", "()"]
         proc = run_train_net(self.data_opts + opts + ["OUTPUT_DIR", out])
         self.check(proc)
         self.assertIn(
-            "MODEL_EMA: the model now holds the weights averaged", proc.stdout + proc.stderr
+            "CBAM_HRNET.EMA: the model now holds the weights averaged", proc.stdout + proc.stderr
         )
         final = load_tensor_file(os.path.join(out, "model_final.pth"))
         ema = final["trainer"]["hooks"]["ModelEMA"]
@@ -198,7 +198,7 @@ class TestMultiProcess(TrainingTestCase):
                 2,
                 "SOLVER.IMS_PER_BATCH",
                 4,
-                "MODEL.HRNET.NORM",
+                "MODEL.CBAM_HRNET.NORM",
                 "SyncBN",
                 "TEST.EVAL_PERIOD",
                 0,

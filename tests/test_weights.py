@@ -1,4 +1,5 @@
-"""ImageNet HRNet weights: conversion, MODEL.WEIGHTS / MODEL.HRNET.PRETRAINED loading, bad files."""
+"""ImageNet HRNet weights: conversion, MODEL.WEIGHTS / MODEL.CBAM_HRNET.PRETRAINED loading, bad
+files."""
 
 import os
 import pickle
@@ -81,8 +82,10 @@ class TestHRNetWeights(unittest.TestCase):
 
     def cfg(self, opts=()):
         # outputs compared bit for bit (LAYER_OFF); no MODEL.WEIGHTS, which would win over
-        # MODEL.HRNET.PRETRAINED
-        return get_config(opts=["MODEL.HRNET.NORM", "BN", "MODEL.WEIGHTS", "", *LAYER_OFF, *opts])
+        # MODEL.CBAM_HRNET.PRETRAINED
+        return get_config(
+            opts=["MODEL.CBAM_HRNET.NORM", "BN", "MODEL.WEIGHTS", "", *LAYER_OFF, *opts]
+        )
 
     def assert_trunk_equals_timm(self, model):
         model.eval()
@@ -128,7 +131,7 @@ class TestHRNetWeights(unittest.TestCase):
         out = self.path("default_recipe_d2.safetensors")
         convert(self.timm_st, out, 18)
         cfg = get_config(opts=["MODEL.WEIGHTS", out, *LAYER_OFF])
-        self.assertEqual(cfg.MODEL.HRNET.NORM, "FrozenBN")
+        self.assertEqual(cfg.MODEL.CBAM_HRNET.NORM, "FrozenBN")
         model = build_model(cfg)
         SafeCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
         model.eval()
@@ -157,12 +160,12 @@ class TestHRNetWeights(unittest.TestCase):
     def test_pretrained_key_loads_each_source_format(self):
         for src in (self.timm_pth, self.timm_st, self.official):
             with self.subTest(src=os.path.basename(src)):
-                model = build_model(self.cfg(["MODEL.HRNET.PRETRAINED", src]))
+                model = build_model(self.cfg(["MODEL.CBAM_HRNET.PRETRAINED", src]))
                 self.assert_trunk_equals_timm(model)
 
     def test_pretrained_report_lists_loaded_and_unused(self):
         with self.assertLogs("cbam_hrnet_d2.modeling.hrnet_weights", "INFO") as logs:
-            build_model(self.cfg(["MODEL.HRNET.PRETRAINED", self.timm_pth]))
+            build_model(self.cfg(["MODEL.CBAM_HRNET.PRETRAINED", self.timm_pth]))
         text = "\n".join(logs.output)
         self.assertRegex(text, r"\d+ trunk tensors loaded")
         self.assertIn("in the file but unused: incre_modules", text)
@@ -171,7 +174,9 @@ class TestHRNetWeights(unittest.TestCase):
     def test_model_weights_wins_over_pretrained_with_a_log_line(self):
         with self.assertLogs("cbam_hrnet_d2.modeling.backbone", "INFO") as logs:
             model = build_model(
-                self.cfg(["MODEL.HRNET.PRETRAINED", self.timm_pth, "MODEL.WEIGHTS", "some.pth"])
+                self.cfg(
+                    ["MODEL.CBAM_HRNET.PRETRAINED", self.timm_pth, "MODEL.WEIGHTS", "some.pth"]
+                )
             )
         self.assertIn("MODEL.WEIGHTS (some.pth) is set and wins", "\n".join(logs.output))
         got = trunk_outputs(model.eval(), self.x)["hr2"]
@@ -183,7 +188,7 @@ class TestHRNetWeights(unittest.TestCase):
         with self.assertRaisesRegex(
             ValueError, r"HRNet-W32 weights but the config builds HRNet-W18"
         ):
-            build_model(self.cfg(["MODEL.HRNET.PRETRAINED", w32]))
+            build_model(self.cfg(["MODEL.CBAM_HRNET.PRETRAINED", w32]))
         with self.assertRaisesRegex(ValueError, r"hrnet_w32.pth holds HRNet-W32"):
             convert(w32, self.path("x.safetensors"), 18)
 
@@ -191,7 +196,7 @@ class TestHRNetWeights(unittest.TestCase):
         resnet = self.path("resnet18.pth")
         torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), resnet)
         with self.assertRaisesRegex(ValueError, r"resnet18.pth is not an HRNet checkpoint"):
-            build_model(self.cfg(["MODEL.HRNET.PRETRAINED", resnet]))
+            build_model(self.cfg(["MODEL.CBAM_HRNET.PRETRAINED", resnet]))
 
     def test_truncated_file_names_the_file(self):
         data = open(self.timm_pth, "rb").read()
@@ -199,7 +204,7 @@ class TestHRNetWeights(unittest.TestCase):
         with open(bad, "wb") as f:
             f.write(data[: len(data) // 3])
         with self.assertRaisesRegex(ValueError, r"truncated.pth: not a checkpoint or truncated"):
-            build_model(self.cfg(["MODEL.HRNET.PRETRAINED", bad]))
+            build_model(self.cfg(["MODEL.CBAM_HRNET.PRETRAINED", bad]))
         with self.assertRaisesRegex(ValueError, r"truncated.pth"):
             SafeCheckpointer(build_model(self.cfg())).load(bad)
 
@@ -216,7 +221,7 @@ class TestHRNetWeights(unittest.TestCase):
                 with self.assertRaisesRegex(ValueError, r"refused, the file .*would run code"):
                     SafeCheckpointer(build_model(self.cfg())).load(evil)
                 with self.assertRaisesRegex(ValueError, "refused"):
-                    build_model(self.cfg(["MODEL.HRNET.PRETRAINED", evil]))
+                    build_model(self.cfg(["MODEL.CBAM_HRNET.PRETRAINED", evil]))
                 with self.assertRaisesRegex(ValueError, "refused"):
                     convert(evil, self.path("y.safetensors"), 18)
                 self.assertFalse(os.path.exists(marker), "unpickling ran the payload")

@@ -42,7 +42,7 @@ ROWS = {
     "+ folded BatchNorm (eval)": (OURS, [], {"fold_bn": True}, None),
     "+ activation checkpointing (train)": (
         OURS,
-        ["MODEL.HRNET.ACTIVATION_CHECKPOINTING", "True"],
+        ["MODEL.CBAM_HRNET.ACTIVATION_CHECKPOINTING", "True"],
         {},
         None,
     ),

@@ -101,7 +101,7 @@ MISSING_WEIGHTS_HINT = (
     "The COCO configs start from ImageNet HRNet weights, as detectron2's R50 configs do: make the "
     "file with `python tools/convert_hrnet_weights.py --src <timm or official HRNet ImageNet "
     "file> --out <this path> --width <W>` (docs/weights.md), or give the unconverted file as "
-    'MODEL.HRNET.PRETRAINED with MODEL.WEIGHTS "", or train from random init with '
+    'MODEL.CBAM_HRNET.PRETRAINED with MODEL.WEIGHTS "", or train from random init with '
     'configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x_scratch.yaml (MODEL.WEIGHTS "").'
 )
 

@@ -1,8 +1,8 @@
-"""An exponential moving average of the model's weights (``MODEL_EMA.ENABLED``,
-``MODEL_EMA.DECAY``), as a hook in the style of detectron2's: detectron2 has none (the key names
-follow d2go's ``MODEL_EMA``).
+"""An exponential moving average of the model's weights (``CBAM_HRNET.EMA.ENABLED``,
+``CBAM_HRNET.EMA.DECAY``), as a hook in the style of detectron2's: detectron2 has none (the keys
+are d2go's ``MODEL_EMA`` ones, in a node of our own so that both can live in one config).
 
-Every ``MODEL_EMA.PERIOD`` steps (and after the last) the average moves towards the weights:
+Every ``CBAM_HRNET.EMA.PERIOD`` steps (and after the last) the average moves towards the weights:
 ``ema = d**k * ema + (1 - d**k) * w`` over the ``k`` steps since the last update, with
 ``d = min(DECAY, (1 + n) / (10 + n))`` after ``n`` steps (the usual warm-up, so the first steps'
 random weights do not linger); a period of 1 is the textbook per-step average. An update reads and
@@ -43,9 +43,9 @@ class ModelEMA(HookBase):
 
     def __init__(self, decay: float, period: int = 1):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"MODEL_EMA.DECAY = {decay!r} must lie in (0, 1), e.g. 0.999")
+            raise ValueError(f"CBAM_HRNET.EMA.DECAY = {decay!r} must lie in (0, 1), e.g. 0.999")
         if not isinstance(period, int) or period < 1:
-            raise ValueError(f"MODEL_EMA.PERIOD = {period!r} must be an integer >= 1, e.g. 10")
+            raise ValueError(f"CBAM_HRNET.EMA.PERIOD = {period!r} must be an integer >= 1, e.g. 10")
         self.decay = decay
         self.period = period
         self.updates = 0  # steps seen
@@ -87,7 +87,7 @@ class ModelEMA(HookBase):
             self.raw = {k: v.detach().clone() for k, v in self._weights().items()}
             self._load(self.shadow)
             logger.info(
-                "MODEL_EMA: the model now holds the weights averaged over %d steps (decay %g)",
+                "CBAM_HRNET.EMA: the model now holds the weights averaged over %d steps (decay %g)",
                 self.updates,
                 self.decay,
             )

@@ -7,7 +7,7 @@ and metrics interleaved, nothing said. :func:`claim_output_dir` (called by ``tra
 ``OUTPUT_DIR/run.lock`` with the holder's host, process id, start time and command, created with
 ``O_EXCL`` so that of two simultaneous starts exactly one wins.
 
-* **A lease.** The holding process renews the lock every third of its lease (``RUN_LOCK.
+* **A lease.** The holding process renews the lock every third of its lease (``CBAM_HRNET.RUN_LOCK.
   LEASE_SECONDS``, 180 s by default): the file's modification time is the heartbeat. A lock not
   renewed for longer than its lease is stale on any host, and is taken over with a warning naming
   the old holder: a job killed by SIGKILL, out-of-memory or a lost node and requeued by SLURM or
@@ -37,7 +37,7 @@ __all__ = ["LOCK_FILE", "DEFAULT_LEASE_S", "OutputDirBusy", "read_lock", "claim_
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
-DEFAULT_LEASE_S = 180.0  # RUN_LOCK.LEASE_SECONDS
+DEFAULT_LEASE_S = 180.0  # CBAM_HRNET.RUN_LOCK.LEASE_SECONDS
 
 
 class OutputDirBusy(RuntimeError):
@@ -133,7 +133,7 @@ def claim_output_dir(
     ``lease_s / 3`` seconds while the block runs and removed when it exits, whatever the exit.
     Raises :class:`OutputDirBusy` for a training run into a held folder."""
     if not lease_s > 0:
-        raise ValueError(f"RUN_LOCK.LEASE_SECONDS = {lease_s!r} must be > 0 (e.g. 180)")
+        raise ValueError(f"CBAM_HRNET.RUN_LOCK.LEASE_SECONDS = {lease_s!r} must be > 0 (e.g. 180)")
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_FILE)
     host, pid = socket.gethostname(), os.getpid()
@@ -179,7 +179,8 @@ def claim_output_dir(
             "to end"
             + (
                 f". The holder runs on another host: if that job is gone, its lock is taken over "
-                f"once it is {lease_s:.0f} s old (RUN_LOCK.LEASE_SECONDS), or delete {path}"
+                f"once it is {lease_s:.0f} s old (CBAM_HRNET.RUN_LOCK.LEASE_SECONDS), or delete "
+                f"{path}"
                 if other_host
                 else ""
             )

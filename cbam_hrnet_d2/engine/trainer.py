@@ -138,8 +138,8 @@ class Trainer(DefaultTrainer):
             exact_resume=cfg.DATALOADER.EXACT_RESUME,
             checkpoint_period=cfg.SOLVER.CHECKPOINT_PERIOD,
             before_checkpoint=[precise_bn],
-            ema_decay=cfg.MODEL_EMA.DECAY if cfg.MODEL_EMA.ENABLED else None,
-            ema_period=cfg.MODEL_EMA.PERIOD,
+            ema_decay=cfg.CBAM_HRNET.EMA.DECAY if cfg.CBAM_HRNET.EMA.ENABLED else None,
+            ema_period=cfg.CBAM_HRNET.EMA.PERIOD,
         )
 
     @classmethod

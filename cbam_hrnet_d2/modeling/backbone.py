@@ -99,8 +99,8 @@ class CBAMHRNet(Backbone):
                 logger.info(
                     "Activation checkpointing is not applied to %d HRNet module(s) with "
                     "BatchNorm (%s, ...): a BatchNorm in training mode would update its "
-                    "statistics twice per step (MODEL.HRNET.NORM FrozenBN or GN, or freeze those "
-                    "stages, to apply it)",
+                    "statistics twice per step (MODEL.CBAM_HRNET.NORM FrozenBN or GN, or freeze "
+                    "those stages, to apply it)",
                     len(skipped),
                     skipped[0],
                 )
@@ -225,8 +225,8 @@ def _check_choice(key: str, value, allowed: Sequence) -> None:
 def _check_trunk_args(width, norm, branches, freeze_at) -> None:
     """ValueError naming the argument (and its config key), the value and what is allowed. The one
     check of these values (CBAM checks its own reduction and kernel size)."""
-    _check_choice("width (MODEL.HRNET.WIDTH)", width, list(HRNET_WIDTHS))
-    _check_choice("norm (MODEL.HRNET.NORM)", norm, (*HRNET_NORMS, "naiveSyncBN"))
+    _check_choice("width (MODEL.CBAM_HRNET.WIDTH)", width, list(HRNET_WIDTHS))
+    _check_choice("norm (MODEL.CBAM_HRNET.NORM)", norm, (*HRNET_NORMS, "naiveSyncBN"))
     _check_choice("freeze_at (MODEL.BACKBONE.FREEZE_AT)", freeze_at, range(len(HRNET_STAGES) + 1))
     for branch in branches:
         _check_choice("cbam_branches (MODEL.CBAM.BRANCHES)", branch, HRNET_FEATURES)
@@ -235,13 +235,13 @@ def _check_trunk_args(width, norm, branches, freeze_at) -> None:
 def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRNet:
     _check_choice("MODEL.CBAM.POSITION", cfg.MODEL.CBAM.POSITION, CBAM_POSITIONS)
     # fmt: off
-    width      = cfg.MODEL.HRNET.WIDTH
-    norm       = trunk_norm(cfg.MODEL.HRNET.NORM, cfg.MODEL.DEVICE)
+    width      = cfg.MODEL.CBAM_HRNET.WIDTH
+    norm       = trunk_norm(cfg.MODEL.CBAM_HRNET.NORM, cfg.MODEL.DEVICE)
     freeze_at  = cfg.MODEL.BACKBONE.FREEZE_AT
     branches   = cfg.MODEL.CBAM.BRANCHES if cbam_on_branches else []
     reduction  = cfg.MODEL.CBAM.REDUCTION
     kernel     = cfg.MODEL.CBAM.KERNEL_SIZE
-    pretrained = cfg.MODEL.HRNET.PRETRAINED
+    pretrained = cfg.MODEL.CBAM_HRNET.PRETRAINED
     # fmt: on
     backbone = CBAMHRNet(
         width,
@@ -251,11 +251,11 @@ def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRN
         cbam_reduction=reduction,
         cbam_kernel_size=kernel,
         freeze_at=freeze_at,
-        activation_checkpointing=cfg.MODEL.HRNET.ACTIVATION_CHECKPOINTING,
+        activation_checkpointing=cfg.MODEL.CBAM_HRNET.ACTIVATION_CHECKPOINTING,
     )
     if pretrained and cfg.MODEL.WEIGHTS:
         logger.info(
-            "MODEL.WEIGHTS (%s) is set and wins: MODEL.HRNET.PRETRAINED (%s) is not loaded",
+            "MODEL.WEIGHTS (%s) is set and wins: MODEL.CBAM_HRNET.PRETRAINED (%s) is not loaded",
             cfg.MODEL.WEIGHTS,
             pretrained,
         )
@@ -269,8 +269,8 @@ def _log_built(cfg, model: nn.Module, sites: Sequence[str]) -> None:
     logger.info(
         "Built %s: HRNet-W%d, norm %s, CBAM on %s, %.2fM parameters",
         cfg.MODEL.BACKBONE.NAME,
-        cfg.MODEL.HRNET.WIDTH,
-        cfg.MODEL.HRNET.NORM,
+        cfg.MODEL.CBAM_HRNET.WIDTH,
+        cfg.MODEL.CBAM_HRNET.NORM,
         ", ".join(sites) or "nothing",
         params / 1e6,
     )

@@ -33,7 +33,7 @@ __all__ = [
 # Feature names carry log2(stride), like detectron2's res2..res5; FPN turns them into p2..p5.
 HRNET_FEATURES: Tuple[str, ...] = ("hr2", "hr3", "hr4", "hr5")
 HRNET_STRIDES: Tuple[int, ...] = (4, 8, 16, 32)
-# MODEL.HRNET.WIDTH -> timm architecture name (its cfg_cls entry is the width table).
+# MODEL.CBAM_HRNET.WIDTH -> timm architecture name (its cfg_cls entry is the width table).
 HRNET_WIDTHS: Dict[int, str] = {18: "hrnet_w18", 32: "hrnet_w32", 48: "hrnet_w48"}
 HRNET_NORMS: Tuple[str, ...] = ("BN", "SyncBN", "FrozenBN", "GN")
 # Norms whose training-mode forward changes no state, so running a module's forward twice
@@ -136,7 +136,7 @@ class _RecomputedHRModule(HighResolutionModule):
 
 
 def recompute_hrnet_modules(trunk: nn.Module) -> Tuple[int, List[str]]:
-    """Activation checkpointing (``MODEL.HRNET.ACTIVATION_CHECKPOINTING``): every stage-2..4
+    """Activation checkpointing (``MODEL.CBAM_HRNET.ACTIVATION_CHECKPOINTING``): every stage-2..4
     ``HighResolutionModule`` of ``trunk`` whose norms are stateless recomputes its forward in
     backward instead of keeping its activations. A module holding a BatchNorm that is not frozen is
     left as it is: in training mode it would update its running statistics twice per step.

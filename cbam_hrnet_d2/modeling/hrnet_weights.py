@@ -9,7 +9,7 @@ checkpoint (``hrnetv2_w18_imagenet_pretrained.pth``), drops the classifier and t
         --out weights/hrnet_w18_in1k_d2.safetensors --width 18
 
 The output loads with ``MODEL.WEIGHTS`` (detectron2's checkpointer); the source file itself can be
-given to ``MODEL.HRNET.PRETRAINED``.
+given to ``MODEL.CBAM_HRNET.PRETRAINED``.
 """
 
 import logging
@@ -83,14 +83,14 @@ def match_trunk_state_dict(
         sample = ", ".join(list(state)[:3])
         raise ValueError(
             f"{path} is not an HRNet checkpoint: none of its {len(state)} tensors ({sample}, ...) "
-            f"is an HRNet-W{width} trunk tensor (MODEL.HRNET.WIDTH = {width})"
+            f"is an HRNet-W{width} trunk tensor (MODEL.CBAM_HRNET.WIDTH = {width})"
         )
     file_width = _file_width(in_trunk)
     if file_width != width:
         raise ValueError(
             f"{path} holds HRNet-W{file_width} weights but the config builds HRNet-W{width} "
-            f"(MODEL.HRNET.WIDTH = {width}): convert or choose the file of width {width}, or set "
-            f"MODEL.HRNET.WIDTH = {file_width}"
+            f"(MODEL.CBAM_HRNET.WIDTH = {width}): convert or choose the file of width {width}, or "
+            f"set MODEL.CBAM_HRNET.WIDTH = {file_width}"
         )
     bad = [k for k, v in in_trunk.items() if k in expected and v.shape != expected[k].shape]
     if bad:
@@ -112,7 +112,7 @@ def summarise_keys(keys: Sequence[str]) -> str:
 
 
 def load_pretrained_trunk(trunk: nn.Module, path: str, width: int) -> None:
-    """Load ImageNet weights from ``path`` into ``trunk`` (MODEL.HRNET.PRETRAINED) and log a
+    """Load ImageNet weights from ``path`` into ``trunk`` (MODEL.CBAM_HRNET.PRETRAINED) and log a
     report."""
     matched, missing, unused = match_trunk_state_dict(
         read_hrnet_state_dict(path), trunk, width, path

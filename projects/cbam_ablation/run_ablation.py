@@ -189,8 +189,8 @@ def _eval_only(
 
 
 def _raw_weights(out: str) -> Optional[str]:
-    """Where MODEL_EMA trained the run: its raw (not averaged) final weights, written next to
-    model_final.pth (which holds the average) as model_final_raw.pth; None without MODEL_EMA."""
+    """Where CBAM_HRNET.EMA trained the run: its raw (not averaged) final weights, written next
+    to model_final.pth (which holds the average) as model_final_raw.pth; None without it."""
     import torch
 
     final = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=True)
@@ -204,8 +204,8 @@ def _raw_weights(out: str) -> Optional[str]:
 
 def run_one(budget: str, row: str, seed: int, out: str, cores=None, beside: int = 0) -> dict:
     """Train, evaluate on shapes_val (in training), shapes_val_hard and shapes_val1k (and, with
-    MODEL_EMA, the raw weights on shapes_val and shapes_val1k too); return the record, which keeps
-    the run's loss curve (metrics.json) beside it. ``cores``: the cores it is pinned to, where
+    CBAM_HRNET.EMA, the raw weights on shapes_val and shapes_val1k too); return the record, which
+    keeps the run's loss curve (metrics.json) beside it. ``cores``: the cores it is pinned to, where
     ``beside`` other runs share the machine (its minutes then do not count: ``shared_cpu``)."""
     os.makedirs(out, exist_ok=True)
     config = BUDGETS[budget][0]
@@ -338,7 +338,7 @@ def paired_reading(found: Dict[str, Dict[int, dict]]) -> List[str]:
 
 
 def ema_reading(found: Dict[str, Dict[int, dict]]) -> List[str]:
-    """One line per row whose records keep the raw weights' AP (``record["raw"]``, MODEL_EMA
+    """One line per row whose records keep the raw weights' AP (``record["raw"]``, CBAM_HRNET.EMA
     recipes): the averaged weights minus the raw ones of the same runs, with the 95% t interval
     over the seeds."""
     lines = []
@@ -472,7 +472,9 @@ def report(budget: str, rows, seeds, dest: str, runs: str = RUNS, pool=()) -> st
         )
     ema_lines = ema_reading(found_of)
     if ema_lines:
-        md += "\n\nMODEL_EMA's own gain (the same runs' final weights, averaged − raw, AP):\n\n"
+        md += (
+            "\n\nCBAM_HRNET.EMA's own gain (the same runs' final weights, averaged − raw, AP):\n\n"
+        )
         md += "\n".join(ema_lines)
     if paired:
         md += (
