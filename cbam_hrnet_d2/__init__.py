@@ -1,15 +1,14 @@
 """cbam_hrnet_d2: HRNet + CBAM backbone for Detectron2. Importing it registers the backbones
-(``build_cbam_hrnet_backbone``, ``build_cbam_hrnet_fpn_backbone``), the RoI heads
-(``CappedMaskROIHeads``) and the meta-architecture (``GeneralizedRCNNWithCPULayer``: the CPU speed
-layer where MODEL.DEVICE is cpu); ``cbam_hrnet_d2.data`` registers the shapes datasets."""
+(``build_cbam_hrnet_backbone``, ``build_cbam_hrnet_fpn_backbone``), the RPN (``CPUFastRPN``) and
+the RoI heads (``CPUFastROIHeads``); ``cbam_hrnet_d2.data`` registers the shapes datasets."""
 
 from cbam_hrnet_d2.config import add_cbam_hrnet_config, load_config
-from cbam_hrnet_d2.modeling import (  # importing registers the backbones and RoI heads
+from cbam_hrnet_d2.modeling import (  # importing registers the backbones and heads
     CBAM,
     CBAMFPN,
-    CappedMaskROIHeads,
     CBAMHRNet,
-    GeneralizedRCNNWithCPULayer,
+    CPUFastROIHeads,
+    CPUFastRPN,
     build_cbam_hrnet_backbone,
     build_cbam_hrnet_fpn_backbone,
 )
@@ -22,6 +21,6 @@ __all__ = [
     "CBAMHRNet",
     "CBAMFPN",
     "CBAM",
-    "CappedMaskROIHeads",
-    "GeneralizedRCNNWithCPULayer",
+    "CPUFastRPN",
+    "CPUFastROIHeads",
 ]

@@ -64,23 +64,26 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # p2..p6).
     _C.MODEL.CBAM.POSITION = "branches"
 
-    # The CPU speed layer (cbam_hrnet_d2/cpu): applied where MODEL.DEVICE is "cpu", ignored on CUDA.
-    # Same outputs up to float rounding; what each buys at 800 px is in docs/benchmark.md.
-    _C.MODEL.CPU = CN()
-    # Keep every conv's weights (and so its activations) channels-last (NHWC), oneDNN's layout.
-    _C.MODEL.CPU.CHANNELS_LAST = True
+    # The CPU speed-ups (cbam_hrnet_d2/cpu), each decided per call from the device of the tensors
+    # it gets (no effect on CUDA, and a model moved with .to() follows its new device); same
+    # outputs up to float rounding. Read by the narrowest part that owns each: the backbone
+    # builders (CHANNELS_LAST, FOLD_BN), CPUFastRPN and CPUFastROIHeads (SPARSE_ROI_ALIGN,
+    # BF16_HEADS; in PROPOSAL_GENERATOR.NAME / ROI_HEADS.NAME of the Base config).
+    _C.MODEL.CBAM_HRNET.CPU = CN()
+    # Run the trunk (and so the FPN and heads after it) channels-last (NHWC), oneDNN's layout.
+    _C.MODEL.CBAM_HRNET.CPU.CHANNELS_LAST = True
+    # In eval mode, run the HRNet trunk with its BatchNorms folded into the convs (folded from the
+    # live weights in each call; no effect with MODEL.CBAM_HRNET.NORM "GN").
+    _C.MODEL.CBAM_HRNET.CPU.FOLD_BN = True
     # Run the RoI poolers' RoIAlign as one multi-threaded sparse matrix product (torchvision's CPU
     # kernel runs one thread).
-    _C.MODEL.CPU.SPARSE_ROI_ALIGN = True
-    # In eval mode, run the HRNet trunk with its BatchNorms folded into the convs (folded from the
-    # live weights; no effect with MODEL.CBAM_HRNET.NORM "GN").
-    _C.MODEL.CPU.FOLD_BN = True
+    _C.MODEL.CBAM_HRNET.CPU.SPARSE_ROI_ALIGN = True
     # In eval mode, run the RPN, box and mask heads under bf16 autocast where TEST.PRECISION runs
     # bf16 ("bf16", or "auto" on a CPU with native bf16, any input size); their outputs come back
     # fp32 (box decoding, NMS, RoIAlign sampling, mask pasting stay fp32). No effect under "fp32".
-    _C.MODEL.CPU.BF16_HEADS = True
+    _C.MODEL.CBAM_HRNET.CPU.BF16_HEADS = True
 
-    # Training only (ROI_HEADS.NAME "CappedMaskROIHeads"): the mask head trains on at most this
+    # Training only (ROI_HEADS.NAME "CPUFastROIHeads"): the mask head trains on at most this
     # many foreground proposals per image, drawn at random; the box head sees all of them. 0 = all
     # (detectron2's StandardROIHeads).
     _C.MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE = 0
@@ -139,7 +142,7 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
 
     # Precision of inference (eval mode) of the backbone + FPN: "fp32"; "bf16" (autocast; box
     # decoding, NMS, RoIAlign sampling and mask pasting stay fp32; on the CPU the heads follow,
-    # MODEL.CPU.BF16_HEADS); "fp16" (CUDA only);
+    # MODEL.CBAM_HRNET.CPU.BF16_HEADS); "fp16" (CUDA only);
     # "auto": bf16 on a CPU with native bf16 (AVX512-BF16 / AMX) for inputs of at least
     # AUTO_BF16_MIN_PIXELS (cbam_hrnet_d2/modeling/precision.py, where it pays), else fp32.
     _C.TEST.PRECISION = "auto"

@@ -67,7 +67,7 @@ class VisualizationDemo:
         self.cpu_device = torch.device("cpu")
         self.instance_mode = instance_mode
         if isinstance(cfg, CfgNode):
-            self.predictor = DefaultPredictor(cfg)  # a CPU model has the CPU layer (meta_arch)
+            self.predictor = DefaultPredictor(cfg)
         else:
             self.predictor = LazyPredictor(cfg)
         self.strides = {}

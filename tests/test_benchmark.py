@@ -28,8 +28,9 @@ def main(argv):
 
 # a config with overrides in the same argument: the CPU speed layer off
 PLAIN = (
-    f"{DEFAULT_CONFIG} MODEL.CPU.CHANNELS_LAST False MODEL.CPU.SPARSE_ROI_ALIGN False "
-    "MODEL.CPU.FOLD_BN False MODEL.CPU.BF16_HEADS False"
+    f"{DEFAULT_CONFIG} MODEL.CBAM_HRNET.CPU.CHANNELS_LAST False "
+    "MODEL.CBAM_HRNET.CPU.SPARSE_ROI_ALIGN False "
+    "MODEL.CBAM_HRNET.CPU.FOLD_BN False MODEL.CBAM_HRNET.CPU.BF16_HEADS False"
 )
 # a bf16 row: measured where the CPU runs bf16 natively, listed as skipped where it emulates it
 BF16 = f"{DEFAULT_CONFIG} TEST.PRECISION bf16"
@@ -110,7 +111,9 @@ class TestBenchmark(unittest.TestCase):
             self.assertGreater(ours[key], 0, key)
         self.assertLess(ours["params_M"], ref["params_M"])  # W18 + FPN is smaller than R50 + FPN
         self.assertIn("mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml", md)
-        self.assertIn("mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml MODEL.CPU.CHANNELS_LAST False", md)
+        self.assertIn(
+            "mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml MODEL.CBAM_HRNET.CPU.CHANNELS_LAST False", md
+        )
         self.assertEqual(data["rows"][PLAIN]["params_M"], ours["params_M"])
 
 
@@ -166,7 +169,7 @@ class TestInterleavedTiming(unittest.TestCase):
     def test_inference_only_rows_are_not_trained_again(self):
         trains = bench._trains_differently
         self.assertTrue(trains("a.yaml"))
-        self.assertTrue(trains("a.yaml MODEL.CPU.CHANNELS_LAST False"))
+        self.assertTrue(trains("a.yaml MODEL.CBAM_HRNET.CPU.CHANNELS_LAST False"))
         self.assertFalse(trains("a.yaml TEST.PRECISION fp32"))
         self.assertFalse(trains("R50+cpu_speedups"))
         self.assertFalse(trains("R50+cpu_speedups+bf16"))

@@ -1,20 +1,20 @@
-"""The CPU speed layer (cbam_hrnet_d2/cpu, MODEL.CPU.*): taken at build time by CPU models only (the
-meta-architecture, whichever door builds it), each switch on its own, and the model it speeds up
-gives the plain model's results: SparseROIAlign equals torchvision's RoIAlign (forward and
-gradients), the BN-folded trunk equals the trunk, channels-last weights change no output; bf16 heads
+"""The CPU speed-ups (cbam_hrnet_d2/cpu, MODEL.CBAM_HRNET.CPU.*): owned by the backbone (channels-
+last, BatchNorm folding) and by the registered RPN and RoI heads (sparse RoIAlign, bf16 heads), each
+decided per call from the device of its inputs, so a model built for CUDA runs them on CPU tensors
+and detectron2's GeneralizedRCNN stays the meta-architecture; each switch on its own; and the model
+they speed up gives the plain model's results: SparseROIAlign equals torchvision's RoIAlign (forward
+and gradients), the BN-folded trunk equals the trunk, channels-last changes no output; bf16 heads
 change nothing under fp32 and stay within bf16 rounding of the fp32 heads under bf16."""
 
-import copy
 import itertools
 import os
 import unittest
 
 import torch
 from detectron2.layers import ROIAlign
-from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_model
 from torchvision.ops import roi_align
 
-from cbam_hrnet_d2.cpu import CPU_SPEEDUPS, cpu_speedups
 from cbam_hrnet_d2.cpu.bf16_heads import HEADS, heads_dtype
 from cbam_hrnet_d2.cpu.fold_bn import FoldedTrunk, conv_bn_pairs
 from cbam_hrnet_d2.cpu.process import keep_large_allocations_in_heap
@@ -24,25 +24,28 @@ from cbam_hrnet_d2.testing import calibrate_norm_statistics
 from .common import CONFIGS, get_config, load_tool
 
 H, W = 160, 224
+SWITCHES = ("CHANNELS_LAST", "FOLD_BN", "SPARSE_ROI_ALIGN", "BF16_HEADS")
+ALL_OFF = [x for key in SWITCHES for x in (f"MODEL.CBAM_HRNET.CPU.{key}", False)]
 
 
 def build_for(cfg, device):
-    """The model the config's meta-architecture builds for ``device``, left on the CPU (detectron2's
-    ``build_model`` would then move it to ``device``)."""
+    """The model the config builds for ``device``, left on the CPU (detectron2's ``build_model``
+    would then move it to ``device``)."""
     cfg = cfg.clone()
     cfg.MODEL.DEVICE = device
     return META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
 
 
-def build_pair(opts=()):
-    """(plain model, the same model with the CPU speed layer), same weights and BN statistics,
-    eval mode; fp32 unless ``opts`` set TEST.PRECISION (bf16 heads: :class:`TestBf16Heads`)."""
+def build_pair(opts=(), device="cpu"):
+    """(plain model: every MODEL.CBAM_HRNET.CPU switch off, the same model with them on), same
+    weights and BN statistics, eval mode, built for ``device``; fp32 unless ``opts`` set
+    TEST.PRECISION (bf16 heads: :class:`TestBf16Heads`)."""
     torch.manual_seed(0)
     cfg = get_config(opts=["TEST.PRECISION", "fp32", *opts])
-    plain = build_for(cfg, "cuda")
+    plain = build_for(get_config(opts=["TEST.PRECISION", "fp32", *opts, *ALL_OFF]), device)
     calibrate_norm_statistics(plain.backbone, torch.rand(1, 3, H, W) * 2 - 1)
-    switches = {name: cfg.MODEL.CPU[name.upper()] for name in CPU_SPEEDUPS}
-    fast = cpu_speedups(copy.deepcopy(plain), **switches)
+    fast = build_for(cfg, device)
+    fast.load_state_dict(plain.state_dict())
     return plain.eval(), fast.eval()
 
 
@@ -52,62 +55,86 @@ def fixed_work(model):
 
 # float32 rounding of folded vs unfolded BatchNorm and of the kernels each memory layout picks,
 # through ~100 layers of a random network: measured 1.2e-4 (relative to the largest output) on an
-# AVX2-only CPU (2026-12-01), under 1e-4 on an AVX512 one; a wrong fold or layout is off by O(1)
+# AVX2-only CPU, under 1e-4 on an AVX512 one; a wrong fold or layout is off by O(1)
 def assert_close(test, a, b, tol=5e-4):
     scale = a.abs().max().clamp(min=1.0)
     test.assertLessEqual(((a - b).abs().max() / scale).item(), tol)
 
 
 def layer_state(model):
-    """What of the CPU layer ``model`` has."""
+    """Which CPU speed-ups ``model`` takes on CPU inputs."""
+    bottom_up = model.backbone.bottom_up
     return {
-        "channels_last": model.backbone.bottom_up.trunk.conv1.weight.is_contiguous(
-            memory_format=torch.channels_last
-        ),
+        "channels_last": bottom_up.cpu_channels_last,
+        "fold_bn": bottom_up.cpu_fold_bn,
         "sparse_roi_align": any(isinstance(m, SparseROIAlign) for m in model.modules()),
-        "fold_bn": model.backbone.bottom_up.eval_trunk is not None,
-        "bf16_heads": bool(model.roi_heads.box_head._forward_pre_hooks),
+        "bf16_heads": model.roi_heads.bf16_heads and model.proposal_generator.bf16_heads,
     }
 
 
-class TestTheLayerIsTakenWhereTheDeviceIsTheCPU(unittest.TestCase):
-    def test_a_model_for_cuda_is_detectron2s_as_it_builds_it(self):
-        cfg = get_config(opts=["TEST.PRECISION", "bf16"])
-        model = build_for(cfg, "cuda")
-        self.assertEqual(model.cpu_layer, {})
-        self.assertFalse(any(layer_state(model).values()))
-        self.assertEqual(build_model(cfg).cpu_layer, dict.fromkeys(layer_state(model), True))
+class _BatchNormCalls:
+    """Counts calls of the BatchNorms of ``module`` (folded ones are skipped)."""
 
-    def test_a_lazyconfig_model_gets_the_layer_on_the_cpu_only(self):
+    def __init__(self, module):
+        self.calls = 0
+        self.handles = [
+            m.register_forward_hook(self.count)
+            for m in module.modules()
+            if "BatchNorm" in type(m).__name__
+        ]
+
+    def count(self, *args):
+        self.calls += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+class TestSpeedUpsAreDecidedPerCall(unittest.TestCase):
+    def test_the_meta_architecture_is_detectron2s_own(self):
+        self.assertIs(type(build_model(get_config())), GeneralizedRCNN)
+
+    def test_a_model_built_for_cuda_runs_the_cpu_speedups_on_cpu_tensors(self):
+        # a CUDA config's model, moved to the CPU: it runs what the CPU should (folded, NHWC)
+        plain, fast = build_pair(device="cuda")
+        state = layer_state(fast)
+        self.assertTrue(state["fold_bn"] and state["channels_last"] and state["sparse_roi_align"])
+        x = torch.rand(1, 3, H, W) * 2 - 1
+        with torch.no_grad(), _BatchNormCalls(fast.backbone) as bn:
+            out = fast.backbone(x)
+        self.assertEqual(bn.calls, 0)  # every BatchNorm folded
+        self.assertTrue(out["p2"].is_contiguous(memory_format=torch.channels_last))
+        with torch.no_grad(), _BatchNormCalls(plain.backbone) as bn:
+            ref = plain.backbone(x)
+        self.assertGreater(bn.calls, 100)
+        self.assertFalse(ref["p2"].is_contiguous(memory_format=torch.channels_last))
+        for name in ref:
+            assert_close(self, ref[name], out[name])
+
+    def test_a_lazyconfig_model_has_the_same_switches_whatever_train_device(self):
         from detectron2.config import LazyConfig, instantiate
 
         cfg = LazyConfig.load(os.path.join(CONFIGS, "lazy", "mask_rcnn_cbam_hrnet_w18_fpn.py"))
-        for device, on in (("cpu", True), ("cuda", False)):
+        for device in ("cpu", "cuda"):
             with self.subTest(device=device):
-                cfg.train.device = device  # model.device follows it
+                cfg.train.device = device
                 model = instantiate(cfg.model)
+                self.assertIs(type(model), GeneralizedRCNN)
                 state = layer_state(model)
-                self.assertEqual(state["sparse_roi_align"], on)
-                self.assertEqual(state["fold_bn"], on)
-                self.assertEqual(state["channels_last"], on)
+                self.assertTrue(state["sparse_roi_align"] and state["fold_bn"], state)
+                self.assertTrue(state["channels_last"], state)
 
     def test_each_switch_turns_its_speedup_off_alone(self):
-        for key in ("CHANNELS_LAST", "SPARSE_ROI_ALIGN", "FOLD_BN", "BF16_HEADS"):
+        for key in SWITCHES:
             with self.subTest(key=key):
-                cfg = get_config(opts=[f"MODEL.CPU.{key}", False, "TEST.PRECISION", "bf16"])
-                model = build_model(cfg)
+                opts = [f"MODEL.CBAM_HRNET.CPU.{key}", False, "TEST.PRECISION", "bf16"]
+                model = build_model(get_config(opts=opts))
                 on = layer_state(model)
                 self.assertEqual({k: v for k, v in on.items() if not v}, {key.lower(): False})
-                self.assertFalse(model.cpu_layer[key.lower()])
-
-    def test_an_unknown_switch_is_named_with_the_allowed_ones(self):
-        from cbam_hrnet_d2.modeling import GeneralizedRCNNWithCPULayer
-
-        cfg = get_config()
-        kwargs = GeneralizedRCNNWithCPULayer.from_config(cfg)
-        kwargs["cpu_speedups"] = {"fold_bn": True, "fuse_relu": True}
-        with self.assertRaisesRegex(ValueError, r"\['fuse_relu'\].*'channels_last'"):
-            GeneralizedRCNNWithCPULayer(**kwargs)
 
 
 def random_rois(n_images, h, w, scale, count, generator):
@@ -178,20 +205,17 @@ class TestSpeedOptionsKeepResults(unittest.TestCase):
         cls.plain, cls.fast = build_pair()
         cls.x = torch.rand(1, 3, H, W) * 2 - 1
 
-    def test_a_cpu_model_gets_every_speedup_and_weights_are_channels_last(self):
+    def test_every_speedup_is_on_by_default_and_weights_stay_nchw(self):
         cfg = get_config()
-        self.assertTrue(all(cfg.MODEL.CPU.values()))
+        self.assertTrue(all(cfg.MODEL.CBAM_HRNET.CPU.values()))
+        # channels-last is a per-call choice: the weights keep detectron2's layout (and so does a
+        # model moved to CUDA)
         w = self.fast.backbone.bottom_up.trunk.conv1.weight
-        self.assertTrue(w.is_contiguous(memory_format=torch.channels_last))
-        self.assertFalse(
-            self.plain.backbone.bottom_up.trunk.conv1.weight.is_contiguous(
-                memory_format=torch.channels_last
-            )
-        )
+        self.assertTrue(w.is_contiguous())
         for pooler in (self.fast.roi_heads.box_pooler, self.fast.roi_heads.mask_pooler):
             self.assertTrue(all(type(p) is SparseROIAlign for p in pooler.level_poolers))
-        self.assertIsInstance(self.fast.backbone.bottom_up.eval_trunk, FoldedTrunk)
-        self.assertIsNone(self.plain.backbone.bottom_up.eval_trunk)
+        for pooler in (self.plain.roi_heads.box_pooler, self.plain.roi_heads.mask_pooler):
+            self.assertTrue(all(type(p) is ROIAlign for p in pooler.level_poolers))
 
     @staticmethod
     def box_deltas(model, x):
@@ -221,10 +245,10 @@ class TestSpeedOptionsKeepResults(unittest.TestCase):
         assert_close(self, sa, sb)
         assert_close(self, ma, mb)
         assert_close(self, da, db)
-        # the folded trunk was really used: it has no BatchNorm left
-        folded = self.fast.backbone.bottom_up.eval_trunk.view
-        self.assertIsNotNone(folded)
-        self.assertFalse(any("BatchNorm" in type(m).__name__ for m in folded.modules()))
+        # the folded trunk was really used: no BatchNorm ran
+        with torch.no_grad(), _BatchNormCalls(self.fast.backbone) as bn:
+            self.fast.backbone(self.x)
+        self.assertEqual(bn.calls, 0)
 
     def test_predictions_equal_the_plain_model(self):
         g = torch.Generator().manual_seed(3)
@@ -290,7 +314,7 @@ class TestSpeedOptionsKeepResults(unittest.TestCase):
 
 # bf16 keeps 8 bits of mantissa (relative rounding 4e-3 per value); through the heads' 2-6 layers of
 # a random-init model (this file's) they differ from fp32 by a few 1e-3 of their largest value
-# (measured 2026-12-02, AVX512-BF16 CPU: 3.4e-3 scores, 2.1e-3 mask probabilities, 1.6e-3 box
+# (measured on an AVX512-BF16 CPU: 3.4e-3 scores, 2.1e-3 mask probabilities, 1.6e-3 box
 # deltas); a head left in fp32 differs by 0, a wrong cast by O(1)
 BF16_TOL = 2e-2
 
@@ -300,7 +324,8 @@ class TestBf16Heads(unittest.TestCase):
     def setUpClass(cls):
         cls.x = torch.rand(1, 3, H, W) * 2 - 1
         _, cls.bf16 = build_pair(["TEST.PRECISION", "bf16"])
-        _, cls.fp32_heads = build_pair(["TEST.PRECISION", "bf16", "MODEL.CPU.BF16_HEADS", False])
+        off = ["TEST.PRECISION", "bf16", "MODEL.CBAM_HRNET.CPU.BF16_HEADS", False]
+        _, cls.fp32_heads = build_pair(off)
 
     def inner_dtypes(self, model, run):
         """{head: dtype of its first conv / linear output} while ``run()`` runs."""
@@ -389,7 +414,7 @@ class TestFoldBatchnorm(unittest.TestCase):
         x = torch.rand(1, 3, H, W)
         with torch.no_grad():
             pa, pb = plain.backbone(x), fast.backbone(x)
-        self.assertEqual(fast.backbone.bottom_up.eval_trunk.pairs, [])
+        self.assertEqual(conv_bn_pairs(fast.backbone.bottom_up.trunk), [])
         for name in pa:
             assert_close(self, pa[name], pb[name])
 

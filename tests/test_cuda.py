@@ -17,7 +17,7 @@ import unittest
 
 import pytest
 import torch
-from detectron2.modeling import build_model
+from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.utils.events import EventStorage
 
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
@@ -71,40 +71,46 @@ class TestModelOnCuda(unittest.TestCase):
         # TF32 would round convolutions to 10 mantissa bits: compare in full fp32
         self.enterContext(_no_tf32())
 
-    def test_every_door_builds_the_cuda_model_without_the_cpu_layer(self):
+    def test_every_door_builds_a_cuda_model_that_runs_detectron2s_cuda_path(self):
         from detectron2.engine import DefaultPredictor
 
-        from cbam_hrnet_d2.cpu import SparseROIAlign
-
-        cfg = tree_config(device="cuda")
+        cfg = tree_config(SHAPES_CONFIG, ["TEST.PRECISION", "bf16"], device="cuda")
         for door, model in (
             ("build_model", build_model(cfg)),
             ("DefaultPredictor", DefaultPredictor(cfg).model),
         ):
             with self.subTest(door=door):
-                self.assertEqual(model.cpu_layer, {})
-                self.assertFalse(any(isinstance(m, SparseROIAlign) for m in model.modules()))
-                self.assertIsNone(model.backbone.bottom_up.eval_trunk)
-                self.assertFalse(model.roi_heads.box_head._forward_pre_hooks)
+                self.assertIs(type(model), GeneralizedRCNN)
                 weight = model.backbone.bottom_up.trunk.conv1.weight
                 self.assertTrue(weight.is_contiguous())  # NCHW, detectron2's layout
+                self.check_cuda_path(model.eval())
 
-    def test_bf16_heads_put_on_a_cuda_model_autocast_on_cuda(self):
-        # the hooks autocast on the device of the head's weights (on "cpu" they would run fp32)
-        from cbam_hrnet_d2.cpu import cpu_speedups
-
-        cfg = tree_config(SHAPES_CONFIG, ["TEST.PRECISION", "bf16"], device="cuda")
-        model = build_model(cfg).eval()
-        off = dict(channels_last=False, sparse_roi_align=False, fold_bn=False)
-        cpu_speedups(model, **off, bf16_heads=True)
+    def check_cuda_path(self, model):
+        """On CUDA inputs: no folded BatchNorm skipped, NCHW features, heads in fp32."""
+        seen, calls = [], []
         fc = next(m for m in model.roi_heads.box_head.modules() if isinstance(m, torch.nn.Linear))
-        seen = []
-        fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        handles = [fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))]
+        handles += [
+            m.register_forward_hook(lambda *a: calls.append(1))
+            for m in model.backbone.modules()
+            if "Norm" in type(m).__name__
+        ]
         model.roi_heads.box_predictor.test_score_thresh = 0.0
-        with torch.no_grad():
-            out = model([{"image": torch.rand(3, 128, 160) * 255}])[0]["instances"]
-        self.assertEqual(seen[:1], [torch.bfloat16])
-        self.assertEqual(out.scores.dtype, torch.float32)  # handed on in float32
+        try:
+            with torch.no_grad():
+                features = model.backbone(torch.rand(1, 3, 128, 160, device="cuda"))
+                model([{"image": torch.rand(3, 128, 160) * 255}])
+        finally:
+            for h in handles:
+                h.remove()
+        self.assertGreater(len(calls), 0)  # the trunk's norms ran: nothing folded
+        self.assertTrue(features["p2"].is_contiguous())
+        self.assertEqual(seen[:1], [torch.float32])  # heads as detectron2 runs them on CUDA
+
+    def test_a_model_built_on_the_cpu_and_moved_runs_the_cuda_path(self):
+        torch.manual_seed(0)
+        cpu = build_model(tree_config(SHAPES_CONFIG, ["TEST.PRECISION", "bf16"])).eval()
+        self.check_cuda_path(cpu.to("cuda"))
 
     def test_build_and_forward_on_the_gpu_equal_the_cpu_model(self):
         torch.manual_seed(0)
@@ -114,9 +120,7 @@ class TestModelOnCuda(unittest.TestCase):
         gpu = build_model(tree_config(device="cuda")).eval()
         gpu.load_state_dict(cpu.state_dict())
         self.assertEqual(next(gpu.parameters()).device.type, "cuda")
-        # the CUDA model is detectron2's standard one: no CPU speed layer
-        self.assertEqual(type(gpu.roi_heads).__name__, "StandardROIHeads")
-        self.assertIsNone(gpu.backbone.bottom_up.eval_trunk)
+        self.assertIs(type(gpu), GeneralizedRCNN)
         with torch.no_grad():
             a, b = cpu.backbone(x), gpu.backbone(x.cuda())
         # float32 on both devices, different kernels and summation orders: measured under 1e-5

@@ -1,4 +1,4 @@
-"""CappedMaskROIHeads (MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE): the mask head trains on at most k
+"""CPUFastROIHeads (MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE): the mask head trains on at most k
 positives per image; 0 is detectron2's StandardROIHeads; bad values name the key."""
 
 import unittest
@@ -12,7 +12,7 @@ from cbam_hrnet_d2.testing import synthetic_batch
 from .common import get_config
 from .test_training import CONFIG
 
-CAPPED = ["MODEL.ROI_HEADS.NAME", "CappedMaskROIHeads"]
+CAPPED = ["MODEL.ROI_HEADS.NAME", "CPUFastROIHeads"]
 
 
 class TestMaskPositivesPerImage(unittest.TestCase):

@@ -1,7 +1,7 @@
 """Measure models on this machine, always next to detectron2's own R50-FPN Mask R-CNN:
 
     python tools/benchmark.py --configs configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml \
-        "configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml MODEL.CPU.SPARSE_ROI_ALIGN False" \
+        "configs/mask_rcnn_CBAM_HRNet_W18_FPN_1x.yaml MODEL.CBAM_HRNET.CPU.SPARSE_ROI_ALIGN False" \
         --size 800 1216 --iters 5 --train-batch 2 --out output/benchmark
 
 Per config: parameters; GMAC of backbone+FPN and of the whole model (fvcore); batch-1 eval latency
@@ -17,8 +17,8 @@ best of several, measured in the same run). Writes benchmark.md and benchmark.js
 
 Precision: each row runs its config's TEST.PRECISION (give "cfg.yaml TEST.PRECISION bf16" for a row
 per precision) and trains under bf16 autocast with "SOLVER.AMP.ENABLED True" (fp32 otherwise). Our
-rows get the CPU speed layer of their config (``MODEL.CPU.*``, cbam_hrnet_d2/cpu), as
-``build_model`` builds it on the CPU (``--doors``: also as ``DefaultPredictor`` and the trainer
+rows get the CPU speed-ups of their config (``MODEL.CBAM_HRNET.CPU.*``, cbam_hrnet_d2/cpu), as
+``build_model`` builds them (``--doors``: also as ``DefaultPredictor`` and the trainer
 build it; ``--lazy-config``: as a LazyConfig's ``instantiate(cfg.model)``). detectron2's R50-FPN
 runs as shipped, and once more with the treatment our model gets when the spec is
 ``R50+cpu_speedups+bf16``: the CPU speed layer and the backbone + FPN under bf16 autocast, float32
@@ -93,7 +93,7 @@ def _train_worker(
         keep_large_allocations_in_heap()
     torch.manual_seed(0)
     cfg = load_cfg(config, opts)
-    model = build_model(cfg)  # ours with the CPU speed layer of its config (meta_arch)
+    model = build_model(cfg)  # ours: backbone and heads take their CPU speed-ups per call
     calibrate_norm_statistics(model.backbone, torch.rand(1, 3, h, w) * 2 - 1)
     model.proposal_generator = FixedProposals(
         model.proposal_generator, cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN
@@ -177,14 +177,14 @@ def prepare_inference(
     trunk = getattr(model.backbone, "bottom_up", model.backbone)
     if treated and dtype is not None:
         model.backbone = Autocast(model.backbone)
-        run_heads_in_bf16(model, "bf16")  # as MODEL.CPU.BF16_HEADS runs ours
+        run_heads_in_bf16(model, "bf16")  # as MODEL.CBAM_HRNET.CPU.BF16_HEADS runs ours
     whole = FixedWork(model, h, w)
 
     def gmac(module, inputs):
         count = FlopCountAnalysis(module, inputs).unsupported_ops_warnings(False)
         return count.uncalled_modules_warnings(False).total() / 1e9
 
-    # the architecture's count: BatchNorms unfolded (MODEL.CPU.FOLD_BN's view is no submodule,
+    # the architecture's count: BatchNorms unfolded (FOLD_BN's view is no submodule,
     # which fvcore's per-module bookkeeping cannot follow), float32 (FlopCountAnalysis traces)
     with batchnorm_unfolded(model):
         row["backbone_fpn_GMAC"] = gmac(model.backbone, x)
@@ -229,7 +229,7 @@ def end_to_end_rows(model, image: torch.Tensor, out: str, runtimes: Sequence[str
 
 
 # keys that change inference only: rows that differ from another only in these are not trained
-INFERENCE_ONLY = ("TEST.", "MODEL.CPU.BF16_HEADS")
+INFERENCE_ONLY = ("TEST.", "MODEL.CBAM_HRNET.CPU.BF16_HEADS")
 
 
 def _split(spec: str):

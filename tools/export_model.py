@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     set_cpu_threads(cfg.MODEL.DEVICE)
     register_from_cfg(cfg)
     # eager as users run it on the CPU (the CPU speed layer traces as detectron2's own ops)
-    model = build_model(cfg).eval()  # a CPU model has the CPU layer (meta_arch)
+    model = build_model(cfg).eval()  # its CPU speed-ups step aside while exporting
     SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
 
     if not args.sample_image or args.latency or args.run_eval:

@@ -1,16 +1,14 @@
-"""The CPU speed layer: what makes a model and its process faster on a CPU. It depends on no model
-code; the model decides at build time whether to take it
-(:class:`cbam_hrnet_d2.modeling.meta_arch.GeneralizedRCNNWithCPULayer`: where ``MODEL.DEVICE`` is
-"cpu", with the switches of ``MODEL.CPU.*``), so that ``build_model``, ``DefaultPredictor``, the
-trainer and LazyConfig's ``instantiate`` return the same model. A model built for CUDA is
-detectron2's standard Mask R-CNN with this backbone.
+"""The CPU speed-ups: what makes a model and its process faster on a CPU. This project's model takes
+them where they act, each decided per call from the device of the tensors it gets: the backbone
+(:class:`~cbam_hrnet_d2.modeling.backbone.CBAMHRNet`: channels-last, BatchNorm folding in eval; the
+FPN's precision), the RPN and RoI heads (:mod:`cbam_hrnet_d2.modeling.heads`: sparse RoIAlign, bf16
+heads), switched by ``MODEL.CBAM_HRNET.CPU.*``. A model built on the CPU and moved to CUDA runs
+detectron2's CUDA path, and the other way round.
 
-* :func:`cpu_speedups`: ``CHANNELS_LAST`` (every conv's weights NHWC: oneDNN's fast layout),
-  ``SPARSE_ROI_ALIGN`` (the poolers' RoIAlign as a multi-threaded sparse product,
-  :mod:`.roi_align`), ``FOLD_BN`` (the HRNet trunk's BatchNorms folded into its convs in eval
-  mode, :mod:`.fold_bn`) and ``BF16_HEADS`` (the RPN, box and mask heads in bf16 where
-  ``TEST.PRECISION`` runs bf16, :mod:`.bf16_heads`). Same outputs up to float (or bf16) rounding;
-  what each buys is measured in docs/benchmark.md.
+* :func:`cpu_speedups`: the same treatment for any other detectron2 model (the benchmark's
+  ``R50+cpu_speedups`` rows): ``channels_last`` (conv weights NHWC), ``sparse_roi_align``
+  (:mod:`.roi_align`), ``bf16_heads`` (:mod:`.bf16_heads`). BatchNorm folding (:mod:`.fold_bn`)
+  needs the trunk's structure and is this backbone's own.
 * :mod:`.process`: threads per process, glibc keeping large blocks in its heap, DDP over gloo.
 """
 
@@ -20,15 +18,14 @@ import torch
 from torch import nn
 
 from cbam_hrnet_d2.cpu.bf16_heads import bf16_heads as run_heads_in_bf16
-from cbam_hrnet_d2.cpu.fold_bn import FoldedTrunk
 from cbam_hrnet_d2.cpu.roi_align import SparseROIAlign, use_sparse_roi_align
 
 __all__ = ["CPU_SPEEDUPS", "cpu_speedups", "SparseROIAlign", "use_sparse_roi_align"]
 
 logger = logging.getLogger(__name__)
 
-# the switches of :func:`cpu_speedups` (MODEL.CPU.<NAME upper-cased>), all on by default
-CPU_SPEEDUPS = ("channels_last", "sparse_roi_align", "fold_bn", "bf16_heads")
+# the switches of :func:`cpu_speedups`
+CPU_SPEEDUPS = ("channels_last", "sparse_roi_align", "bf16_heads")
 
 
 def cpu_speedups(
@@ -36,13 +33,12 @@ def cpu_speedups(
     *,
     channels_last: bool = True,
     sparse_roi_align: bool = True,
-    fold_bn: bool = True,
     bf16_heads: bool = True,
 ) -> nn.Module:
-    """Apply the CPU speed-ups to ``model`` in place (see the module doc); returns ``model``. The
-    heads follow the precision of ``model.backbone`` (``TEST.PRECISION``; fp32 where it has none,
-    as detectron2's own backbones). ``fold_bn`` acts on every submodule with an ``eval_trunk``
-    slot (:class:`~cbam_hrnet_d2.modeling.backbone.CBAMHRNet`)."""
+    """Apply the CPU speed-ups to any detectron2 ``model`` in place (see the module doc); returns
+    ``model``. The heads follow the precision of ``model.backbone`` (``TEST.PRECISION``; fp32 where
+    it has none, as detectron2's own backbones). ``channels_last`` converts the conv weights, which
+    stay so after ``.to()``: for CPU-only models (this project's backbone decides per call)."""
     if bf16_heads:
         precision = getattr(getattr(model, "backbone", None), "precision", "fp32")
         hooked = run_heads_in_bf16(model, precision)
@@ -50,10 +46,6 @@ def cpu_speedups(
             logger.info("Heads in bf16 (TEST.PRECISION %s): %s", precision, ", ".join(hooked))
     if sparse_roi_align:
         use_sparse_roi_align(model)
-    if fold_bn:
-        for m in model.modules():
-            if hasattr(m, "eval_trunk"):
-                m.eval_trunk = FoldedTrunk()
     if channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D tensors only: conv weights
     return model

@@ -1,13 +1,11 @@
-"""BatchNorm folded into the preceding conv in eval mode (``MODEL.CPU.FOLD_BN``).
+"""BatchNorm folded into the preceding conv in eval mode on the CPU
+(``MODEL.CBAM_HRNET.CPU.FOLD_BN``).
 
 In eval mode a BatchNorm is a per-channel affine map, so ``bn(conv(x))`` equals one conv with scaled
 weights and a bias. :class:`FoldedTrunk` runs the trunk that way: every folded conv takes its
-weight from the trunk's live conv and BatchNorm (a per-channel product) and the BatchNorm is
-skipped. With autograd the product is computed in the call, so gradients reach the trunk's
-parameters; without, it is reused while no tensor of the trunk changed (training steps,
-``load_state_dict`` and ``.to()`` change them). The same operations either way, so eval-mode
-outputs do not depend on ``torch.is_grad_enabled()``; checkpoints and ``state_dict`` never see the
-folded view.
+weight from the trunk's live conv and BatchNorm (a per-channel product, in the call itself, so
+gradients reach the trunk's parameters and no cached copy can go stale) and the BatchNorm is
+skipped. Checkpoints and ``state_dict`` never see the folded view.
 
 Which BatchNorm follows which conv is read from the structure alone (:func:`conv_bn_pairs`), never
 guessed from registration order, so no run-time check is needed.
@@ -19,6 +17,7 @@ from contextlib import contextmanager
 from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -33,7 +32,12 @@ def _is_bn(m: nn.Module) -> bool:
 
 
 def _matches(conv: nn.Module, bn: nn.Module) -> bool:
-    return isinstance(conv, nn.Conv2d) and _is_bn(bn) and conv.out_channels == bn.num_features
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.padding_mode == "zeros"  # what F.conv2d computes
+        and _is_bn(bn)
+        and conv.out_channels == bn.num_features
+    )
 
 
 def conv_bn_pairs(module: nn.Module) -> List[Tuple[str, str]]:
@@ -66,14 +70,13 @@ def conv_bn_pairs(module: nn.Module) -> List[Tuple[str, str]]:
 
 class _FoldedConv(nn.Module):
     """``bn(conv(x))`` as one conv whose weight and bias are folded from the live ``conv`` and
-    ``bn``: in the call itself when autograd records (gradients reach both), else the ones
-    :class:`FoldedTrunk` last computed from the same tensor versions (the same numbers)."""
+    ``bn`` in the call itself (so gradients reach both, and a weight changed in place is seen)."""
 
     def __init__(self, conv: nn.Conv2d, bn: nn.Module):
         super().__init__()
         # plain attributes, not submodules: the trunk owns them
         self.__dict__["conv"], self.__dict__["bn"] = conv, bn
-        self.folded = None
+        self.channels_last = False
 
     def fold(self) -> Tuple[torch.Tensor, torch.Tensor]:
         conv, bn = self.conv, self.bn
@@ -81,16 +84,15 @@ class _FoldedConv(nn.Module):
         shift = bn.bias - bn.running_mean * scale
         if conv.bias is not None:
             shift = shift + conv.bias * scale
-        w = conv.weight
-        if w.is_contiguous(memory_format=torch.channels_last):
-            w = (w * scale.reshape(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
-        else:
-            w = w * scale.reshape(-1, 1, 1, 1)
+        w = conv.weight * scale.reshape(-1, 1, 1, 1)
+        if self.channels_last or conv.weight.is_contiguous(memory_format=torch.channels_last):
+            w = w.contiguous(memory_format=torch.channels_last)
         return w, shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.folded if self.folded is not None else self.fold()
-        return self.conv._conv_forward(x, w, b)
+        w, b = self.fold()
+        c = self.conv
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
 
 
 def _folded_view(module: nn.Module, pairs: List[Tuple[str, str]]) -> nn.Module:
@@ -117,51 +119,41 @@ def _folded_view(module: nn.Module, pairs: List[Tuple[str, str]]) -> nn.Module:
 
 
 class FoldedTrunk:
-    """Runs a trunk in eval mode with its BatchNorms folded; set as ``CBAMHRNet.eval_trunk`` by
-    :func:`cbam_hrnet_d2.cpu.cpu_speedups` (not an ``nn.Module``, so it is no part of the owner's
-    ``state_dict``). The folded view shares every module with the trunk and is rebuilt when the
-    trunk's modules change (e.g. BatchNorms converted to FrozenBatchNorm2d). Without autograd the
-    folded weights are computed once per version of the trunk's tensors (the same operations, so
-    the same numbers); with autograd, in every call."""
+    """Runs a trunk in eval mode with its BatchNorms folded (:class:`CBAMHRNet` does, on CPU
+    inputs; not an ``nn.Module``, so it is no part of the owner's ``state_dict``). The folded view
+    shares every module with the trunk and is rebuilt when the trunk's modules change (e.g.
+    BatchNorms converted to FrozenBatchNorm2d); the folded weights are computed from the live
+    weights in every call (a per-channel product: about 1% of the trunk's time at 800 px), so no
+    cache can go stale and outputs do not depend on ``torch.is_grad_enabled()``."""
 
     def __init__(self):
         self.pairs: List[Tuple[str, str]] = []
         self.view = None
         self._convs: List[_FoldedConv] = []
         self._modules_key = None
-        self._tensors_key = None
 
-    def __call__(self, trunk: nn.Module, x: torch.Tensor):
+    def __call__(self, trunk: nn.Module, x: torch.Tensor, channels_last: bool = False):
         modules_key = [id(m) for m in trunk.modules()]
         if modules_key != self._modules_key:
             self.pairs = conv_bn_pairs(trunk)
             self.view = _folded_view(trunk, self.pairs)
             self._convs = [m for m in self.view.modules() if isinstance(m, _FoldedConv)]
-            self._modules_key, self._tensors_key = modules_key, None
-        if torch.is_grad_enabled():
-            self._tensors_key = None
-            for c in self._convs:
-                c.folded = None
-        else:
-            tensors = list(trunk.parameters()) + list(trunk.buffers())
-            key = [(t.data_ptr(), t._version) for t in tensors]
-            if key != self._tensors_key:
-                for c in self._convs:
-                    c.folded = c.fold()
-                self._tensors_key = key
+            self._modules_key = modules_key
+        for c in self._convs:
+            c.channels_last = channels_last
         return self.view(x)
 
 
 @contextmanager
 def batchnorm_unfolded(model: nn.Module):
-    """Within the block, every module of ``model`` with an ``eval_trunk`` (``CBAMHRNet`` given a
-    :class:`FoldedTrunk`) runs its trunk as it is, BatchNorms included (so that hooks on them fire,
-    or fvcore can follow the modules); restored after."""
-    folded = [(m, m.eval_trunk) for m in model.modules() if getattr(m, "eval_trunk", None)]
-    for m, _ in folded:
-        m.eval_trunk = None
+    """Within the block, every module of ``model`` with a ``cpu_fold_bn`` switch (``CBAMHRNet``)
+    runs its trunk as it is, BatchNorms included (so that hooks on them fire, or fvcore can follow
+    the modules); restored after."""
+    folded = [m for m in model.modules() if getattr(m, "cpu_fold_bn", False)]
+    for m in folded:
+        m.cpu_fold_bn = False
     try:
         yield
     finally:
-        for m, runner in folded:
-            m.eval_trunk = runner
+        for m in folded:
+            m.cpu_fold_bn = True

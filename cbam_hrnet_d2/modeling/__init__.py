@@ -1,9 +1,8 @@
 """The model: CBAM (:mod:`.cbam`), the HRNet trunk (:mod:`.hrnet`) and its ImageNet weights
-(:mod:`.hrnet_weights`), the registered backbones (:mod:`.backbone`), inference precision
-(:mod:`.precision`), the RoI heads with a cap on the mask head's training positives
-(:mod:`.roi_heads`) and the meta-architecture that takes the CPU speed layer on a CPU
-(:mod:`.meta_arch`). Importing it registers the backbones, the RoI heads and the
-meta-architecture."""
+(:mod:`.hrnet_weights`), the registered backbones (:mod:`.backbone`: they own the backbone's CPU
+speed-ups), inference precision (:mod:`.precision`), and the registered RPN and RoI heads with the
+head-scoped CPU speed-ups (:mod:`.heads`). Importing it registers the backbones and heads; the
+meta-architecture stays detectron2's ``GeneralizedRCNN`` (or any other)."""
 
 from cbam_hrnet_d2.modeling.backbone import (
     CBAMFPN,
@@ -14,8 +13,7 @@ from cbam_hrnet_d2.modeling.backbone import (
     hrnet_fpn,
 )
 from cbam_hrnet_d2.modeling.cbam import CBAM, record_attention
-from cbam_hrnet_d2.modeling.meta_arch import GeneralizedRCNNWithCPULayer
-from cbam_hrnet_d2.modeling.roi_heads import CappedMaskROIHeads
+from cbam_hrnet_d2.modeling.heads import CPUFastROIHeads, CPUFastRPN
 
 __all__ = [
     "CBAM",
@@ -26,6 +24,6 @@ __all__ = [
     "hrnet_fpn",
     "build_cbam_hrnet_backbone",
     "build_cbam_hrnet_fpn_backbone",
-    "CappedMaskROIHeads",
-    "GeneralizedRCNNWithCPULayer",
+    "CPUFastRPN",
+    "CPUFastROIHeads",
 ]

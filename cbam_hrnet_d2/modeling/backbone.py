@@ -2,7 +2,7 @@
 (``build_cbam_hrnet_fpn_backbone``). Both are registered in ``BACKBONE_REGISTRY``."""
 
 import logging
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 from detectron2.layers import ShapeSpec
@@ -10,7 +10,8 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from torch import nn
 
-from cbam_hrnet_d2.device import trunk_norm, warn_if_emulated_bf16
+from cbam_hrnet_d2.cpu.fold_bn import FoldedTrunk
+from cbam_hrnet_d2.device import is_exporting, trunk_norm, warn_if_emulated_bf16
 from cbam_hrnet_d2.modeling.cbam import CBAM
 from cbam_hrnet_d2.modeling.hrnet import (
     HRNET_FEATURES,
@@ -59,6 +60,8 @@ class CBAMHRNet(Backbone):
         cbam_kernel_size: int = 7,
         freeze_at: int = 0,
         activation_checkpointing: bool = False,
+        cpu_channels_last: bool = True,
+        cpu_fold_bn: bool = True,
     ):
         """
         Args:
@@ -72,6 +75,12 @@ class CBAMHRNet(Backbone):
             activation_checkpointing (bool): in training, recompute each stage-2..4 HRNet module in
                 backward instead of keeping its activations (:func:`recompute_hrnet_modules`;
                 modules with a BatchNorm that is not frozen are left out, with one log line).
+            cpu_channels_last (bool): on a CPU input, run the trunk channels-last (NHWC, oneDNN's
+                fast layout; the FPN and heads follow it). Decided per call from the input's
+                device, so a model moved with ``.to()`` runs what its new device should.
+            cpu_fold_bn (bool): on a CPU input in eval mode, run the trunk with its BatchNorms
+                folded into the convs (:class:`~cbam_hrnet_d2.cpu.fold_bn.FoldedTrunk`, from the
+                live weights in every call). Per call, as ``cpu_channels_last``.
         """
         super().__init__()
         _check_trunk_args(width, norm, cbam_branches, freeze_at)
@@ -89,10 +98,10 @@ class CBAMHRNet(Backbone):
             }
         )
         self.freeze(freeze_at)
-        # When set, a callable (trunk, x) -> features that runs the trunk in eval mode instead of
-        # trunk(x), with the same results: the CPU speed layer sets a BatchNorm-folding one
-        # (cbam_hrnet_d2/cpu/fold_bn.py). Not a submodule: no part of the state_dict.
-        self.eval_trunk: Optional[Callable[[nn.Module, torch.Tensor], List[torch.Tensor]]] = None
+        self.cpu_channels_last = cpu_channels_last
+        self.cpu_fold_bn = cpu_fold_bn
+        # runs the trunk with folded BatchNorms; not a submodule: no part of the state_dict
+        self._folded_trunk = FoldedTrunk()
         if activation_checkpointing:
             _, skipped = recompute_hrnet_modules(self.trunk)
             if skipped:
@@ -127,8 +136,12 @@ class CBAMHRNet(Backbone):
         assert x.dim() == 4, (
             f"CBAMHRNet takes an input of shape (N, C, H, W). Got {x.shape} instead!"
         )
-        if self.eval_trunk is not None and not self.training:
-            features = self.eval_trunk(self.trunk, x)
+        # the CPU choices, per call from the input's device (graph capture: the plain trunk)
+        on_cpu = x.device.type == "cpu" and not is_exporting()
+        if on_cpu and self.cpu_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if on_cpu and self.cpu_fold_bn and not self.training:
+            features = self._folded_trunk(self.trunk, x, channels_last=self.cpu_channels_last)
         else:
             features = self.trunk(x)
         outputs = {}
@@ -252,6 +265,8 @@ def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRN
         cbam_kernel_size=kernel,
         freeze_at=freeze_at,
         activation_checkpointing=cfg.MODEL.CBAM_HRNET.ACTIVATION_CHECKPOINTING,
+        cpu_channels_last=cfg.MODEL.CBAM_HRNET.CPU.CHANNELS_LAST,
+        cpu_fold_bn=cfg.MODEL.CBAM_HRNET.CPU.FOLD_BN,
     )
     if pretrained and cfg.MODEL.WEIGHTS:
         logger.info(

@@ -2,9 +2,9 @@
 
 Under "bf16" the backbone and FPN run under ``torch.autocast`` with bfloat16 and their outputs are
 cast back to float32, so that everything after them (RPN, box decoding, NMS, RoIAlign sampling
-positions, the heads, mask pasting) runs in float32 as before; on the CPU the CPU speed layer then
-runs the RPN, box and mask heads in bf16 too (``MODEL.CPU.BF16_HEADS``, cbam_hrnet_d2/cpu/
-bf16_heads.py), their outputs again float32. "fp32" changes nothing. "auto" picks
+positions, the heads, mask pasting) runs in float32 as before; on CPU inputs the RPN, box and mask
+heads run in bf16 too (``MODEL.CBAM_HRNET.CPU.BF16_HEADS``, cbam_hrnet_d2/cpu/bf16_heads.py), their
+outputs again float32. "fp32" changes nothing. "auto" picks
 bf16 where the processor runs it natively (AVX512-BF16 or AMX on the CPU) and the input is large
 enough for it to pay (:data:`AUTO_BF16_MIN_PIXELS`), fp32 elsewhere (CUDA included: not measured
 there). While a model is traced or exported, it runs float32.

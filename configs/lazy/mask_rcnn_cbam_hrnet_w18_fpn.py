@@ -4,9 +4,9 @@ common/ pieces (model, COCO data, 1x schedule, SGD, train settings).
 
     python lazy_train_net.py --config-file configs/lazy/mask_rcnn_cbam_hrnet_w18_fpn.py --num-gpus 8
 
-The model is the YAML configs' model, whichever door builds it: ``instantiate(cfg.model)`` takes
-the CPU speed layer where ``train.device`` is "cpu" (``model.device`` follows it), so
-``instantiate(cfg.model).to(cfg.train.device)`` is what ``lazy_train_net.py`` and the demo run.
+The model is the YAML configs' model, whichever door builds it: detectron2's ``GeneralizedRCNN``
+with our backbone, RPN and RoI heads, whose CPU speed-ups are decided per call from the device of
+their inputs, so ``instantiate(cfg.model).to(cfg.train.device)`` runs what that device should.
 detectron2's common/ configs are read from the installed package (``detectron2_config``), not
 through ``model_zoo.get_config``, which needs ``pkg_resources``.
 """
@@ -17,8 +17,8 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from cbam_hrnet_d2.config import detectron2_config
 from cbam_hrnet_d2.data.build import RobustDatasetMapper
 from cbam_hrnet_d2.modeling.backbone import CBAMHRNet, hrnet_fpn
+from cbam_hrnet_d2.modeling.heads import CPUFastROIHeads, CPUFastRPN
 from cbam_hrnet_d2.modeling.hrnet import HRNET_FEATURES
-from cbam_hrnet_d2.modeling.meta_arch import GeneralizedRCNNWithCPULayer
 
 model = detectron2_config("common/models/mask_rcnn_fpn.py").model
 dataloader = detectron2_config("common/data/coco.py").dataloader
@@ -26,11 +26,15 @@ lr_multiplier = detectron2_config("common/coco_schedule.py").lr_multiplier_1x
 optimizer = detectron2_config("common/optim.py").SGD
 train = detectron2_config("common/train.py").train
 
-# detectron2's GeneralizedRCNN, plus the CPU speed layer where train.device is "cpu" (MODEL.CPU of
-# the YAML configs: the switches of cbam_hrnet_d2.cpu.cpu_speedups, all on)
-model._target_ = GeneralizedRCNNWithCPULayer
-model.device = "${..train.device}"
-model.cpu_speedups = dict(channels_last=True, sparse_roi_align=True, fold_bn=True, bf16_heads=True)
+# detectron2's GeneralizedRCNN (common/models) as it is; the RPN and RoI heads with the head-scoped
+# CPU speed-ups, decided per call (MODEL.CBAM_HRNET.CPU of the YAML configs, all on)
+model.proposal_generator._target_ = CPUFastRPN
+model.proposal_generator.bf16_heads = True
+model.proposal_generator.precision = "${..backbone.precision}"  # TEST.PRECISION, as the YAML
+model.roi_heads._target_ = CPUFastROIHeads
+model.roi_heads.sparse_roi_align = True
+model.roi_heads.bf16_heads = True
+model.roi_heads.precision = "${..backbone.precision}"
 
 # The backbone: the CBAM-HRNet trunk (the arguments the YAML builder passes for the 1x config)
 # under detectron2's FPN with LastLevelMaxPool.
@@ -43,6 +47,8 @@ model.backbone = L(hrnet_fpn)(
         cbam_reduction=16,
         cbam_kernel_size=7,
         freeze_at=2,
+        cpu_channels_last=True,  # the backbone's CPU speed-ups, per call (MODEL.CBAM_HRNET.CPU)
+        cpu_fold_bn=True,
     ),
     cbam_on_outputs=False,
     in_features=list(HRNET_FEATURES),

@@ -12,7 +12,6 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 import cbam_hrnet_d2.data  # noqa: F401  (registers shapes_train / shapes_val)
 from cbam_hrnet_d2.config import detectron2_config
-from cbam_hrnet_d2.modeling.roi_heads import CappedMaskROIHeads
 
 from .mask_rcnn_cbam_hrnet_w18_fpn import dataloader, model, train
 
@@ -28,7 +27,6 @@ model.proposal_generator.pre_nms_topk = (500, 300)
 model.proposal_generator.post_nms_topk = (200, 100)
 model.proposal_generator.batch_size_per_image = 128
 _roi = model.roi_heads
-_roi._target_ = CappedMaskROIHeads
 _roi.num_classes = 6
 _roi.batch_size_per_image = 128
 _roi.positive_fraction = 0.25
