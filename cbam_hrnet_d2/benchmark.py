@@ -53,9 +53,19 @@ EMULATED_BF16 = (
 REFERENCE = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
 
 
+# prefix of a config shipped with detectron2 ("d2:Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml")
+DETECTRON2_PREFIX = "d2:"
+
+
 def load_cfg(config: str, opts: Sequence[str] = ()):
-    """``config`` (a file, or :data:`REFERENCE`) + ``opts`` on the CPU, without weights."""
-    path = detectron2_config_file(config) if config == REFERENCE else config
+    """``config`` (a file, :data:`REFERENCE`, or "d2:<path>" of a config shipped with detectron2)
+    + ``opts`` on the CPU, without weights."""
+    if config == REFERENCE:
+        path = detectron2_config_file(config)
+    elif config.startswith(DETECTRON2_PREFIX):
+        path = detectron2_config_file(config[len(DETECTRON2_PREFIX) :])
+    else:
+        path = config
     cfg = load_config(path, opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
@@ -116,7 +126,11 @@ class FixedWork(torch.nn.Module):
         inst = Instances(self.hw)
         inst.pred_boxes = boxes[: self.num_detections]
         inst.pred_classes = torch.zeros(self.num_detections, dtype=torch.long, device=x.device)
-        masks = roi._forward_mask(features, [inst])
+        # the mask pooler and head (public attributes) as StandardROIHeads runs them at test time
+        mask_features = roi.mask_pooler(
+            [features[f] for f in roi.mask_in_features], [inst.pred_boxes]
+        )
+        masks = roi.mask_head(mask_features, [inst])
         return scores, masks[0].pred_masks
 
 

@@ -205,6 +205,20 @@ def prepare_inference(
     return row, timed
 
 
+def prepare_backbone(config: str, opts: Sequence[str], h: int, w: int):
+    """The backbone + FPN of ``config`` (any meta-architecture: Cascade, PanopticFPN, ...) in eval
+    mode with calibrated norm statistics: (row, {"backbone_fpn_s": callable on one image})."""
+    torch.manual_seed(0)
+    model = build_through(config, opts).eval()
+    x = model.preprocess_image([{"image": torch.rand(3, h, w) * 255}]).tensor
+    calibrate_norm_statistics(model.backbone, x)
+    row = {
+        "meta_architecture": type(model).__name__,
+        "precision": getattr(model.backbone, "precision", "fp32"),
+    }
+    return row, {"backbone_fpn_s": lambda: model.backbone(x)}
+
+
 def end_to_end_rows(model, image: torch.Tensor, out: str, runtimes: Sequence[str]):
     """The whole model end to end on ``image`` (its real proposals; score threshold 0, so up to
     TEST.DETECTIONS_PER_IMAGE detections; masks not pasted), eager and exported to ONNX under each
@@ -302,6 +316,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         help="also time this LazyConfig's model (instantiate(cfg.model) on train.device cpu)",
     )
     parser.add_argument(
+        "--backbone-of",
+        nargs="*",
+        default=[],
+        help="also time the backbone + FPN of these models beside the first config's, e.g. "
+        '"d2:Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml MODEL.BACKBONE.NAME '
+        "build_cbam_hrnet_fpn_backbone MODEL.FPN.IN_FEATURES ['hr2','hr3','hr4','hr5']\" "
+        "(detectron2's own meta-architectures with our backbone)",
+    )
+    parser.add_argument(
         "--mmap-large-allocations",
         action="store_true",
         help="keep glibc's default of mmap() for large blocks (train_net.py turns it off on CPU)",
@@ -348,6 +371,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 rows[key], timed[key] = prepare_inference(
                     source, h, w, lazy_opts, args.emulated_bf16, door=door
                 )
+    for spec in args.backbone_of:
+        logger.info("building %s (backbone + FPN only)", spec)
+        rows[spec], timed[spec] = prepare_backbone(*_split(spec), h, w)
     for spec, seconds in time_interleaved(timed, args.iters).items():
         rows[spec].update(seconds)
         logger.info("  %s: %s", spec, {k: round(v, 3) for k, v in seconds.items()})
@@ -391,6 +417,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if "backbone_fpn_s" in rows.get(spec, {}):
                 treated = rows[spec]["backbone_fpn_s"]
                 row["backbone_fpn_speedup_vs_R50" + key] = treated / row["backbone_fpn_s"]
+    ours = rows[configs[1]] if len(configs) > 1 else ref
+    for spec in args.backbone_of:
+        rows[spec]["backbone_fpn_vs_first_config"] = (
+            ours["backbone_fpn_s"] / rows[spec]["backbone_fpn_s"]
+        )
     e2e = {k: r for k, r in rows.items() if "end_to_end_s" in r}
     eager = next((r for k, r in e2e.items() if k.endswith(": eager")), None)
     for row in e2e.values():

@@ -1,7 +1,7 @@
 """The trainer of ``train_net.py``: detectron2's ``DefaultTrainer`` with this project's pieces
 plugged in through its classmethods and hooks. The model comes from detectron2's ``build_model``
-(the registered meta-architecture takes the CPU speed layer on a CPU, so ``build_model``,
-``DefaultPredictor`` and this trainer build the same model)."""
+(detectron2's GeneralizedRCNN with our backbone and heads, which take their CPU speed-ups per call),
+so ``build_model``, ``DefaultPredictor`` and this trainer build the same model."""
 
 import logging
 import os
