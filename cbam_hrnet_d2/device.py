@@ -13,7 +13,10 @@ the process layout.
   processes, on either device: data loading and CPU-side work of 8 GPU processes would otherwise
   each start one thread per core), :func:`hide_gpus` (CPU processes on a CUDA host),
   :func:`ddp_device_ids`.
-* **Tracing:** :func:`is_exporting` (graph capture runs float32 and the dense kernels).
+* **Graph capture:** :func:`is_exporting` (an export for another runtime runs float32 and the
+  dense kernels); ``torch.jit.trace`` is not one: a trace records what eager runs, the precision
+  casts included, so that a traced model agrees with the eager one (:func:`is_tracing` for the
+  parts whose shapes depend on the data).
 """
 
 import logging
@@ -27,6 +30,7 @@ __all__ = [
     "native_bf16",
     "warn_if_emulated_bf16",
     "is_exporting",
+    "is_tracing",
     "trunk_norm",
     "AMP_PRECISIONS",
     "amp_dtype",
@@ -72,14 +76,17 @@ def warn_if_emulated_bf16(key: str, device) -> bool:
 
 
 def is_exporting() -> bool:
-    """True while torch.jit traces or scripts, torch.onnx exports, or torch.compile / torch.export
-    capture a graph."""
+    """True while a graph is captured for another runtime: torch.onnx export, torch.jit scripting,
+    torch.compile / torch.export. Not under ``torch.jit.trace`` alone (see the module doc)."""
     return (
-        torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_compiling()
+        torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
     )
+
+
+def is_tracing() -> bool:
+    """True while any graph is captured (``torch.jit.trace`` included): code whose work depends on
+    the data (the number of boxes) takes its traceable path."""
+    return torch.jit.is_tracing() or is_exporting()
 
 
 def trunk_norm(norm: str, device) -> str:

@@ -24,7 +24,7 @@ from cbam_hrnet_d2.data import generate_shapes
 from cbam_hrnet_d2.export import FORMATS, load_exported, load_sample_image
 from cbam_hrnet_d2.export.onnx_graph import empty_constants_as_fills
 
-from .common import get_config, load_tool
+from .common import SHAPES_CONFIG, get_config, load_tool
 from .test_training import CONFIG, run_train_net
 
 # Exported and eager models compute the same functions with other kernels (torchvision's RoIAlign
@@ -84,6 +84,10 @@ class TestExport(unittest.TestCase):
         cls.thresh = (best[cls.empty] + others) / 2
         cls.model.roi_heads.box_predictor.test_score_thresh = cls.thresh
         cls.opts = ["MODEL.WEIGHTS", cls.weights, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", cls.thresh]
+        cls.opts += [
+            "TEST.PRECISION",
+            "fp32",
+        ]  # as the eager model: TorchScript traces what it runs
         cls.tool = load_tool("export_model")
 
     @classmethod
@@ -256,3 +260,47 @@ class TestOnnxGraphForOpenVINO(unittest.TestCase):
             with self.subTest(x=x):
                 self.assertEqual(session.run(None, {"x": x})[0].tolist(), want)
                 self.assertEqual(compiled({0: x})[0].tolist(), want)
+
+
+class TestDetectron2TracingCheck(unittest.TestCase):
+    """Detectron2's own tracing check (``TracingAdapter`` + ``torch.jit.trace``, then the traced
+    outputs against eager) passes under every ``TEST.PRECISION``: a trace records what eager runs,
+    autocast casts included (cbam_hrnet_d2/device.py)."""
+
+    def traced_and_eager(self, precision):
+        from detectron2.export import TracingAdapter
+
+        torch.manual_seed(0)
+        cfg = get_config(SHAPES_CONFIG, ["TEST.PRECISION", precision, "MODEL.WEIGHTS", ""])
+        model = build_model(cfg).eval()
+        model.roi_heads.box_predictor.test_score_thresh = 0.0  # a full set of detections
+        inputs = [{"image": torch.rand(3, 128, 192, generator=torch.Generator().manual_seed(1))}]
+        inputs[0]["image"] *= 255
+
+        def inference(m, x):
+            return [{"instances": m.inference(x, do_postprocess=False)[0]}]
+
+        adapter = TracingAdapter(model, inputs, inference)
+        with torch.no_grad():
+            traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
+            out = adapter.outputs_schema(traced(*adapter.flattened_inputs))[0]["instances"]
+            ref = inference(model, inputs)[0]["instances"]
+        return out, ref
+
+    def test_traced_equals_eager_under_every_precision(self):
+        from detectron2.utils.testing import assert_instances_allclose
+
+        for precision in ("fp32", "bf16", "auto"):
+            with self.subTest(precision=precision):
+                out, ref = self.traced_and_eager(precision)
+                self.assertEqual(len(out), len(ref))
+                self.assertGreater(len(ref), 10)
+                # the same detections; a random-init model's scores tie to 1e-5, so two equal
+                # scores may come out in either order: matched by place, not by index
+                dist = torch.cdist(out.pred_boxes.tensor, ref.pred_boxes.tensor, p=float("inf"))
+                nearest, j = dist.min(1)
+                self.assertLessEqual(nearest.max().item(), 1e-2)
+                self.assertTrue(torch.equal(out.pred_classes, ref.pred_classes[j]))
+                torch.testing.assert_close(out.scores, ref.scores[j], atol=1e-4, rtol=0)
+                if precision != "auto":  # detectron2's check itself, where no ties flip
+                    assert_instances_allclose(ref, out, size_as_tensor=True)

@@ -25,7 +25,7 @@ import torch
 from detectron2.layers import ROIAlign
 from torch import nn
 
-from cbam_hrnet_d2.device import is_exporting
+from cbam_hrnet_d2.device import is_tracing
 
 __all__ = ["SparseROIAlign", "use_sparse_roi_align", "roi_align_matrix"]
 
@@ -116,7 +116,7 @@ class SparseROIAlign(ROIAlign):
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         if (
-            is_exporting()  # first: the others would become constants of a traced graph
+            is_tracing()  # first: the others would become constants of a traced graph
             or input.is_cuda
             or input.dtype not in (torch.float32, torch.float64)
             or rois.numel() == 0

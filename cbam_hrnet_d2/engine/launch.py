@@ -6,6 +6,11 @@ and stop signals forwarded to the workers.
   hides the GPUs from the workers it starts (``CUDA_VISIBLE_DEVICES=""`` in their environment), so
   they run as CPU processes over gloo, as on a machine without CUDA. With a CUDA device it checks
   ``--num-gpus`` against the visible GPUs before starting anything.
+* **Schedulers.** Under SLURM's ``srun`` or ``torchrun`` (:mod:`.scheduler`) the scheduler has
+  started every process already: :func:`launch_run` takes rank, world size and rendezvous from
+  their environment and runs this process as its rank, spawning nothing; ``--num-gpus``,
+  ``--num-machines``, ``--machine-rank`` and ``--dist-url`` are then not needed (and ignored, with
+  a warning, where given).
 * **Signals.** When it starts workers, a SIGTERM / SIGINT to the launching process is forwarded to
   them (they stop after the current step with a checkpoint, :mod:`.preemption`), and this process
   exits with their exit code (143 after SIGTERM).
@@ -26,6 +31,7 @@ from torch.multiprocessing import ProcessExitedException
 from cbam_hrnet_d2.device import hide_gpus as must_hide_gpus
 from cbam_hrnet_d2.engine.lock import DEFAULT_LEASE_S, OutputDirBusy, claim_output_dir
 from cbam_hrnet_d2.engine.preemption import STOP_SIGNALS
+from cbam_hrnet_d2.engine.scheduler import ranks_from_environment, run_as_rank
 
 __all__ = ["launch", "check_num_gpus", "launch_run"]
 
@@ -108,10 +114,28 @@ def launch_run(
     argument parser: hold ``output_dir`` for the run (machine 0 only; :mod:`.lock`), send an
     ``--eval-only`` run into its own folder when a training run holds it
     (``output_dir_opts(folder)`` gives the overrides that say so), then :func:`launch`
-    ``main_func(args)`` on ``device``."""
+    ``main_func(args)`` on ``device`` -- or, where SLURM or torchrun started this process as one
+    rank of a run, run it as that rank (:mod:`.scheduler`)."""
+    ranks = ranks_from_environment()
+    if ranks is not None:
+        setup_logger(name="cbam_hrnet_d2", distributed_rank=ranks.rank)
+        given = {"--num-gpus": args.num_gpus, "--num-machines": args.num_machines}
+        ignored = [f"{flag} {value}" for flag, value in given.items() if value > 1]
+        if ignored or args.machine_rank:
+            logger.warning(
+                "%s started this process as rank %d of %d: %s ignored (the scheduler's layout "
+                "is used)",
+                ranks.source,
+                ranks.rank,
+                ranks.world_size,
+                ", ".join(
+                    ignored + [f"--machine-rank {args.machine_rank}"] * bool(args.machine_rank)
+                ),
+            )
+    first = ranks.rank == 0 if ranks is not None else args.machine_rank == 0
     claim = (
         claim_output_dir(output_dir, eval_only=args.eval_only, lease_s=lock_lease_s)
-        if args.machine_rank == 0
+        if first
         else contextlib.nullcontext(output_dir)
     )
     with contextlib.ExitStack() as stack:
@@ -121,6 +145,9 @@ def launch_run(
             raise SystemExit(f"error: {e}") from None
         if folder != output_dir:
             args.opts = [*args.opts, *output_dir_opts(folder)]
+        if ranks is not None:
+            run_as_rank(main_func, ranks, device, args=(args,))
+            return
         launch(
             main_func,
             args.num_gpus,

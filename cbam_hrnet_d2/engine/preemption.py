@@ -1,9 +1,15 @@
-"""Preemption: SIGTERM / SIGINT stop training at a step boundary with a checkpoint of that step.
+"""Preemption: SIGTERM / SIGINT / SIGUSR1 stop training at a step boundary with a checkpoint of that
+step.
 
-Schedulers send SIGTERM before they preempt a job (Ctrl-C sends SIGINT). During training the
+Schedulers send SIGTERM before they preempt a job (Ctrl-C sends SIGINT); SLURM sends the signal a
+job asks for before its time limit (``#SBATCH --signal=USR1@120``). After a SIGUSR1 in a SLURM job,
+the main process also has the job requeued (``scontrol requeue``, once; the requeued job resumes
+through ``--resume``); after SIGTERM the scheduler decides (a preempted job with ``--requeue`` is
+requeued by SLURM itself). During training the
 :class:`Preemption` hook lets the current step finish, then every process agrees to stop after it,
 the main process writes ``model_<iteration>.pth`` atomically and updates ``last_checkpoint``, and
-the run exits with ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT) after one log line that
+the run exits with ``128 + signal number`` (143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1) after
+one log line that
 says where the checkpoint is and how to resume. ``--resume`` continues from the next iteration
 (exactly, with ``DATALOADER.EXACT_RESUME``).
 
@@ -25,11 +31,15 @@ import torch.distributed as dist
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from cbam_hrnet_d2.engine.scheduler import requeue_slurm_job, slurm_job_id
+
 __all__ = ["Preemption", "TrainingStopped", "STOP_SIGNALS"]
 
 logger = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# the signals that warn of a time limit: the job is requeued by us, not by the scheduler
+WARNING_SIGNALS = (signal.SIGUSR1,)
 
 
 class TrainingStopped(SystemExit):
@@ -37,14 +47,15 @@ class TrainingStopped(SystemExit):
     is written; exits the process with ``128 + signal``."""
 
 
-def _any_process(flag: bool, group=None) -> bool:
-    """``flag`` OR-ed over all processes: one all-reduce of one integer on the CPU, over ``group``
-    (a gloo group in NCCL runs, so that asking costs no CUDA synchronisation)."""
+def _any_process(signum: int, group=None) -> int:
+    """The largest of the processes' ``signum`` (0: none received): one all-reduce of one integer
+    on the CPU, over ``group`` (a gloo group in NCCL runs, so that asking costs no CUDA
+    synchronisation). SIGTERM (15) outranks SIGUSR1 (10): a preempted job is not requeued twice."""
     if comm.get_world_size() == 1:
-        return flag
-    value = torch.tensor([int(flag)])
+        return signum
+    value = torch.tensor([signum])
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-    return bool(value.item())
+    return int(value.item())
 
 
 def _resume_command() -> str:
@@ -63,7 +74,8 @@ class Preemption(HookBase):
         self._previous: Dict[int, object] = {}
         self._message: Optional[str] = None
         self.received: Optional[int] = None  # the first stop signal received during training
-        self._agreed: Optional[Tuple[int, bool]] = None  # (iteration, answer) of the last agreement
+        # (iteration, signal any process received or 0) of the last agreement
+        self._agreed: Optional[Tuple[int, int]] = None
         self._group = None  # the gloo group of the agreement in an NCCL run
 
     def _on_signal(self, signum, _frame) -> None:
@@ -84,8 +96,8 @@ class Preemption(HookBase):
         nothing."""
         it = self.trainer.iter
         if self._agreed is None or self._agreed[0] != it:
-            self._agreed = (it, _any_process(self.received is not None, self._group))
-        return self._agreed[1]
+            self._agreed = (it, _any_process(int(self.received or 0), self._group))
+        return self._agreed[1] != 0
 
     def before_train(self):
         self.received, self._agreed = None, None
@@ -114,12 +126,21 @@ class Preemption(HookBase):
             if not already:
                 checkpointer.save(name, iteration=it)
         comm.synchronize()
-        signum = self.received or signal.SIGTERM
+        signum = signal.Signals(self._agreed[1])
         code = 128 + int(signum)
+        job = slurm_job_id()
+        requeued = False
+        if comm.is_main_process() and job and signum in WARNING_SIGNALS:
+            requeued = requeue_slurm_job(job)
         if comm.is_main_process():
             by = signal.Signals(signum).name if self.received else "a signal to another process"
+            then = (
+                f"SLURM job {job} requeued: it resumes from there by itself"
+                if requeued
+                else f"Resume with: {_resume_command()}"
+            )
             self._message = (
                 f"Stopped by {by} after iteration {it}: checkpoint {path} (last_checkpoint "
-                f"updated). Resume with: {_resume_command()}"
+                f"updated). {then}"
             )
         raise TrainingStopped(code)

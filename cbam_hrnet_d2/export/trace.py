@@ -10,8 +10,14 @@ the original image and pasting the masks (:func:`detectron2.modeling.postprocess
 detector_postprocess`) stay outside the graph, in fp32, as in detectron2. Any input size and any
 number of detections (0 included): everything with data-dependent shapes takes a traceable path
 while tracing (``SparseROIAlign`` runs torchvision's RoIAlign; GroupNorm is written with explicit
-sizes; the BN-folded trunk's weights become constants of the graph). The ONNX graph gets one
-rewrite for OpenVINO (:mod:`.onnx_graph`).
+sizes). The ONNX graph gets one rewrite for OpenVINO (:mod:`.onnx_graph`).
+
+Precision: TorchScript records what the eager model runs, ``TEST.PRECISION``'s autocast casts
+included, so the traced model agrees with ``build_model``'s (and with Detectron2's own tracing
+check) under every precision ("auto" decides bf16 or fp32 for the sample image's size and keeps
+that). ONNX graphs are exported in float32 whatever ``TEST.PRECISION`` says (ONNX Runtime runs no
+bf16 convolutions; OpenVINO picks its own precision): they agree with the eager model under
+``TEST.PRECISION fp32``, and :func:`export` says so where the config asks for another.
 """
 
 import copy
@@ -125,6 +131,13 @@ def export(model, image: torch.Tensor, fmt: str, output_dir: str) -> str:
     ``model.onnx`` (atomically). Returns the path."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not supported; allowed values: {list(FORMATS)}")
+    precision = getattr(getattr(model, "backbone", None), "precision", "fp32")
+    if fmt == "onnx" and precision != "fp32":
+        logger.warning(
+            "The ONNX graph runs float32; eager under TEST.PRECISION %r may run bf16 on this CPU, "
+            "so the two differ by bf16 rounding: compare with TEST.PRECISION fp32",
+            precision,
+        )
     model = _exportable(model).eval()
     adapter = TracingAdapter(model, [{"image": image}], _inference).eval()
     path = os.path.join(output_dir, FORMATS[fmt])
