@@ -2,6 +2,7 @@
 outputs and everything after them in float32, auto picks by hardware and input size, bad values
 are refused with the key, the value and the allowed values."""
 
+import io
 import unittest
 from unittest import mock
 
@@ -94,16 +95,24 @@ class TestPrecision(unittest.TestCase):
         self.assertEqual(autocast_dtype("auto", large), want)
         self.assertEqual(get_config().TEST.PRECISION, "auto")
 
-    def test_tracing_runs_float32(self):
+    def test_a_trace_keeps_the_precision_and_an_onnx_export_runs_float32(self):
         seen = []
 
         def f(x):
             seen.append(autocast_dtype("bf16", x))
             return x + 1
 
-        torch.jit.trace(f, (torch.zeros(1, 3, 4, 4),), check_trace=False)
-        self.assertEqual(seen, [None])
-        self.assertEqual(autocast_dtype("bf16", torch.zeros(1, 3, 4, 4)), torch.bfloat16)
+        x = torch.zeros(1, 3, 4, 4)
+        torch.jit.trace(f, (x,), check_trace=False)  # records what eager runs
+        self.assertEqual(seen, [torch.bfloat16])
+
+        class M(torch.nn.Module):
+            def forward(self, x):
+                return f(x)
+
+        torch.onnx.export(M(), (x,), io.BytesIO(), dynamo=False)
+        self.assertEqual(seen[1:], [None])  # ONNX Runtime runs no bf16 convolutions
+        self.assertEqual(autocast_dtype("bf16", x), torch.bfloat16)
 
     def test_bad_values_name_key_value_and_allowed_values(self):
         for value, needles in (

@@ -118,7 +118,6 @@ def launch_run(
     rank of a run, run it as that rank (:mod:`.scheduler`)."""
     ranks = ranks_from_environment()
     if ranks is not None:
-        setup_logger(name="cbam_hrnet_d2", distributed_rank=ranks.rank)
         given = {"--num-gpus": args.num_gpus, "--num-machines": args.num_machines}
         ignored = [f"{flag} {value}" for flag, value in given.items() if value > 1]
         if ignored or args.machine_rank:

@@ -154,6 +154,27 @@ def ranks_from_environment(env: Optional[Mapping[str, str]] = None) -> Optional[
     return ranks if ranks.world_size > 1 else None
 
 
+def _log_every_rank(msg: str, *args) -> None:
+    """An INFO line from every rank, before the run's own loggers exist (detectron2's loggers
+    print from rank 0 only, and are set up by the main function)."""
+    project = logging.getLogger("cbam_hrnet_d2")
+    handler = None
+    if not project.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("[%(asctime)s %(name)s]: %(message)s", "%m/%d %H:%M:%S")
+        )
+        project.addHandler(handler)
+    level = project.level
+    project.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        logger.info(msg, *args)
+    finally:
+        project.setLevel(level)
+        if handler is not None:
+            project.removeHandler(handler)
+
+
 def run_as_rank(main_func: Callable, ranks: Ranks, device: str, args=()) -> None:
     """Join the run ``ranks`` describes (gloo for a CPU ``device``, NCCL with one GPU per local
     rank for CUDA) and call ``main_func(*args)``; the process group is left after it returns."""
@@ -167,7 +188,7 @@ def run_as_rank(main_func: Callable, ranks: Ranks, device: str, args=()) -> None
                 "--nproc-per-node), or MODEL.DEVICE cpu for CPU processes"
             )
         torch.cuda.set_device(ranks.local_rank)
-    logger.info("Ranks from %s: %s, backend %s", ranks.source, ranks.describe(), backend)
+    _log_every_rank("Ranks from %s: %s, backend %s", ranks.source, ranks.describe(), backend)
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://{ranks.master_addr}:{ranks.master_port}",
