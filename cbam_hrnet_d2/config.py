@@ -46,7 +46,8 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # loaded into the trunk at build time; "" = random init. A set MODEL.WEIGHTS wins over it.
     _C.MODEL.CBAM_HRNET.PRETRAINED = ""
     # In training, keep only the inputs of each stage-2..4 HRNet module and recompute it in
-    # backward: less peak memory for more time per step (docs/benchmark.md). For a machine too
+    # backward: less peak memory for more time per step (docs/notes/benchmark-runs.md). For a
+    # machine too
     # small for the batch; applied with FrozenBN/GN norms only (BatchNorm in training mode would
     # update its statistics twice).
     _C.MODEL.CBAM_HRNET.ACTIVATION_CHECKPOINTING = False

@@ -5,7 +5,7 @@ the process layout.
   speed layer (:mod:`cbam_hrnet_d2.cpu`) applies exactly where it is true.
 * **Native bf16:** :func:`native_bf16` (AVX512-BF16 or AMX on the CPU);
   :func:`warn_if_emulated_bf16` where bf16 is asked for on a CPU that emulates it (12-99x slower
-  matrix products, measured in docs/precision.md).
+  matrix products, measured in docs/notes/precision-runs.md).
 * **Norms:** :func:`trunk_norm` (torch's SyncBatchNorm needs CUDA: detectron2's naiveSyncBN on the
   CPU, which all-reduces over gloo).
 * **AMP:** :func:`amp_dtype` (bf16 on the CPU, fp16 or bf16 on CUDA).
@@ -67,8 +67,8 @@ def warn_if_emulated_bf16(key: str, device) -> bool:
     logger.warning(
         "%s asks for bfloat16, but this CPU has no native bf16 (no AVX512-BF16 / AMX; PyTorch "
         "reports %s): bf16 convolutions and matrix products are emulated, 12-99x slower than "
-        "fp32, backbone+FPN 3-6x (docs/precision.md). Use TEST.PRECISION 'auto' (fp32 here) and "
-        "SOLVER.AMP.ENABLED False on this machine.",
+        "fp32, backbone+FPN 3-6x (docs/notes/precision-runs.md). Use TEST.PRECISION 'auto' "
+        "(fp32 here) and SOLVER.AMP.ENABLED False on this machine.",
         key,
         torch.backends.cpu.get_cpu_capability(),
     )

@@ -189,7 +189,7 @@ class TestClusterRuns(TrainingTestCase):
             if state == "PENDING" and restarts:
                 # SLURM holds a requeued job for a while before it is eligible (its BeginTime);
                 # the suite does not wait for it
-                subprocess.run(["scontrol", "update", f"JobId={job}", "BeginTime=now"])
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
             if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
                 break
             time.sleep(1)

@@ -70,7 +70,7 @@ class TestPrecision(unittest.TestCase):
         # with AVX512-BF16, 2026-12-02), tolerance 4%; a wrong cast is off by O(1). The whole
         # random-init network amplifies rounding (20-45% at its outputs, a property of random
         # weights, not of bf16): the accuracy of bf16 is measured on a trained model
-        # (docs/precision.md: shapes_val AP).
+        # (docs/notes/precision-runs.md: shapes_val AP).
         layer1 = {}
         for model in (self.fp32, self.bf16):
             model.backbone.bottom_up.trunk.layer1.register_forward_hook(

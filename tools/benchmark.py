@@ -27,7 +27,7 @@ that differ from another only in inference-only keys (TEST.*) are not trained ag
 ``first_calls_s`` is the first call of each timed part together, start-up costs included.
 
 On a CPU without native bf16 (no AVX512-BF16 / AMX) bf16 is emulated, 12-99x slower than fp32
-(matmul, conv; docs/precision.md): the bf16 roof is then a 512x512 matmul (4096x4096
+(matmul, conv; docs/notes/precision-runs.md): the bf16 roof is then a 512x512 matmul (4096x4096
 would take minutes a call) and rows that run bf16 (inference or AMP training) are listed as
 skipped, with the reason, unless --emulated-bf16.
 """

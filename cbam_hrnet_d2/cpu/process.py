@@ -43,7 +43,8 @@ def keep_large_allocations_in_heap() -> bool:
     By default glibc maps each block of 32 MiB or more freshly with mmap() and unmaps it on free, so
     a training step page-faults its large activations (RoI features, mask-head maps, FPN maps) in
     again every time. Kept in the heap, freed blocks are reused; the process's
-    RSS then stays at its peak (measured in docs/cpu_recipe.md). Process-wide, idempotent; returns
+    RSS then stays at its peak (measured in docs/notes/cpu-recipe.md). Process-wide, idempotent;
+    returns
     False where libc is not glibc."""
     c = libc()
     if c is None or not hasattr(c, "mallopt"):

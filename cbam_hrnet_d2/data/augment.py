@@ -14,7 +14,7 @@ instances left without pixels are dropped). Occlusion needs masks as pixels:
 Boxes are not recomputed from the masks wholesale (detectron2's ``recompute_boxes``): a mask
 rasterised from polygons is not the annotated box's pixels (it ends about a pixel short of the json
 box on the right and bottom), so every training box would shrink, whatever ``INPUT.HARD_AUG.PROB``
-(measured in docs/cpu_recipe.md, "The HARD_AUG cost was a box bug").
+(measured in docs/notes/cpu-recipe.md, "The HARD_AUG cost was a box bug").
 
 =========== ==========================================================================
 corruption  parameters (each drawn per image)

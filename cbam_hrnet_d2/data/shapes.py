@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 # COCO category ids 1..6, in this order.
 SHAPES_CATEGORIES: Tuple[str, ...] = ("square", "circle", "triangle", "hexagon", "pentagon", "star")
 # split -> (number of images, seed). val1k: drawn independently of val (another seed), 5x as many
-# images, for evaluations whose noise must be small (docs/cpu_recipe.md, "Where the spread comes
+# images, for evaluations whose noise must be small (docs/notes/cpu-recipe.md, "Where the spread
+# comes
 # from")
 SHAPES_SPLITS: Dict[str, Tuple[int, int]] = {
     "train": (2000, 1),

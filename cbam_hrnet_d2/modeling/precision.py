@@ -10,7 +10,8 @@ enough for it to pay (:data:`AUTO_BF16_MIN_PIXELS`), fp32 elsewhere (CUDA includ
 there). While a model is traced or exported, it runs float32.
 
 On a CPU without native bf16 (AVX2 only) PyTorch emulates bfloat16 convolutions and matrix
-products, several times slower than fp32 (measured in docs/precision.md): "auto" then stays fp32;
+products, several times slower than fp32 (measured in docs/notes/precision-runs.md): "auto" then
+stays fp32;
 an explicit "bf16" is honoured and :func:`~cbam_hrnet_d2.device.warn_if_emulated_bf16` says what it
 costs. Which CPU has native bf16 is a device rule (:mod:`cbam_hrnet_d2.device`).
 """
@@ -31,7 +32,7 @@ __all__ = [
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Padded input pixels (H x W) from which "auto" runs bf16 on the CPU: below it bf16 did not pay for
-# the GroupNorm trunk of the shapes recipe (docs/precision.md, "Where bf16 pays").
+# the GroupNorm trunk of the shapes recipe (docs/notes/precision-runs.md, "Where bf16 pays").
 AUTO_BF16_MIN_PIXELS = 256 * 384
 
 
