@@ -3,8 +3,8 @@ head's convs, the box head's FCs (and convs) and the mask head's convs and decon
 autocast where ``TEST.PRECISION`` runs bf16: "bf16", or "auto" on a CPU with native bf16
 (AVX512-BF16 or AMX; any input size, unlike the backbone: a head's work does not shrink with the
 image, measured in docs/notes/precision-runs.md). Each head's outputs come back float32, so that
-anchor and box decoding, NMS, the box predictor's scores and deltas, RoIAlign's sampling positions, score
-thresholds and mask pasting stay float32. "fp32" changes nothing, bit for bit. Training (AMP
+anchor and box decoding, NMS, the box predictor's scores and deltas, RoIAlign's sampling
+positions, score thresholds and mask pasting stay float32. "fp32" changes nothing, bit for bit. Training (AMP
 decides there), tracing and export run float32.
 
 Forward hooks (PyTorch's own seam for wrapping a module's call) rather than wrapper modules: the
