@@ -4,8 +4,8 @@ autocast where ``TEST.PRECISION`` runs bf16: "bf16", or "auto" on a CPU with nat
 (AVX512-BF16 or AMX; any input size, unlike the backbone: a head's work does not shrink with the
 image, measured in docs/notes/precision-runs.md). Each head's outputs come back float32, so that
 anchor and box decoding, NMS, the box predictor's scores and deltas, RoIAlign's sampling
-positions, score thresholds and mask pasting stay float32. "fp32" changes nothing, bit for bit. Training (AMP
-decides there), tracing and export run float32.
+positions, score thresholds and mask pasting stay float32. "fp32" changes nothing, bit for bit.
+Training (AMP decides there) and ONNX export run float32; a ``torch.jit.trace`` records the casts.
 
 Forward hooks (PyTorch's own seam for wrapping a module's call) rather than wrapper modules: the
 heads keep their names, so checkpoints load unchanged.
