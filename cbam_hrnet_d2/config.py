@@ -68,14 +68,11 @@ def add_cbam_hrnet_config(cfg: CN) -> None:
     # The CPU speed-ups (cbam_hrnet_d2/cpu), each decided per call from the device of the tensors
     # it gets (no effect on CUDA, and a model moved with .to() follows its new device); same
     # outputs up to float rounding. Read by the narrowest part that owns each: the backbone
-    # builders (CHANNELS_LAST, FOLD_BN), CPUFastRPN and CPUFastROIHeads (SPARSE_ROI_ALIGN,
+    # builders (CHANNELS_LAST), CPUFastRPN and CPUFastROIHeads (SPARSE_ROI_ALIGN,
     # BF16_HEADS; in PROPOSAL_GENERATOR.NAME / ROI_HEADS.NAME of the Base config).
     _C.MODEL.CBAM_HRNET.CPU = CN()
     # Run the trunk (and so the FPN and heads after it) channels-last (NHWC), oneDNN's layout.
     _C.MODEL.CBAM_HRNET.CPU.CHANNELS_LAST = True
-    # In eval mode, run the HRNet trunk with its BatchNorms folded into the convs (folded from the
-    # live weights in each call; no effect with MODEL.CBAM_HRNET.NORM "GN").
-    _C.MODEL.CBAM_HRNET.CPU.FOLD_BN = True
     # Run the RoI poolers' RoIAlign as one multi-threaded sparse matrix product (torchvision's CPU
     # kernel runs one thread).
     _C.MODEL.CBAM_HRNET.CPU.SPARSE_ROI_ALIGN = True

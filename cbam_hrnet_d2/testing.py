@@ -7,8 +7,6 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.structures import BitMasks, Boxes, Instances
 
-from cbam_hrnet_d2.cpu.fold_bn import batchnorm_unfolded
-
 __all__ = ["calibrate_norm_statistics", "synthetic_batch"]
 
 
@@ -28,8 +26,7 @@ def calibrate_norm_statistics(model: torch.nn.Module, x: torch.Tensor) -> None:
         if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d))
     ]
     was_training = model.training
-    # BatchNorms must run as they are for their hooks to fire
-    with batchnorm_unfolded(model), torch.no_grad():
+    with torch.no_grad():
         model.eval()(x)
     model.train(was_training)
     for h in handles:

@@ -67,8 +67,8 @@ class TestTrunk(unittest.TestCase):
         self.assertEqual(sorted(model.cbam), ["hr3", "hr5"])
 
     def test_disabled_cbam_gives_bare_trunk_output(self):
-        # (the CPU speed-ups off: folded BatchNorms round differently from the bare trunk)
-        off = ["MODEL.CBAM_HRNET.CPU.FOLD_BN", False, "MODEL.CBAM_HRNET.CPU.CHANNELS_LAST", False]
+        # (the CPU speed-ups off: channels-last kernels round differently from the bare trunk)
+        off = ["MODEL.CBAM_HRNET.CPU.CHANNELS_LAST", False]
         model = build(TRUNK + ["MODEL.CBAM.ENABLED", False, *off]).eval()
         self.assertFalse(any(isinstance(m, CBAM) for m in model.modules()))
         x = torch.rand(1, 3, 64, 64)

@@ -30,7 +30,7 @@ def main(argv):
 PLAIN = (
     f"{DEFAULT_CONFIG} MODEL.CBAM_HRNET.CPU.CHANNELS_LAST False "
     "MODEL.CBAM_HRNET.CPU.SPARSE_ROI_ALIGN False "
-    "MODEL.CBAM_HRNET.CPU.FOLD_BN False MODEL.CBAM_HRNET.CPU.BF16_HEADS False"
+    "MODEL.CBAM_HRNET.CPU.BF16_HEADS False"
 )
 # a bf16 row: measured where the CPU runs bf16 natively, listed as skipped where it emulates it
 BF16 = f"{DEFAULT_CONFIG} TEST.PRECISION bf16"

@@ -1,9 +1,9 @@
 """The CPU speed-ups (cbam_hrnet_d2/cpu, MODEL.CBAM_HRNET.CPU.*): owned by the backbone (channels-
-last, BatchNorm folding) and by the registered RPN and RoI heads (sparse RoIAlign, bf16 heads), each
+last) and by the registered RPN and RoI heads (sparse RoIAlign, bf16 heads), each
 decided per call from the device of its inputs, so a model built for CUDA runs them on CPU tensors
 and detectron2's GeneralizedRCNN stays the meta-architecture; each switch on its own; and the model
 they speed up gives the plain model's results: SparseROIAlign equals torchvision's RoIAlign (forward
-and gradients), the BN-folded trunk equals the trunk, channels-last changes no output; bf16 heads
+and gradients), channels-last changes no output; bf16 heads
 change nothing under fp32 and stay within bf16 rounding of the fp32 heads under bf16."""
 
 import itertools
@@ -16,7 +16,6 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_model
 from torchvision.ops import roi_align
 
 from cbam_hrnet_d2.cpu.bf16_heads import HEADS, heads_dtype
-from cbam_hrnet_d2.cpu.fold_bn import FoldedTrunk, conv_bn_pairs
 from cbam_hrnet_d2.cpu.process import keep_large_allocations_in_heap
 from cbam_hrnet_d2.cpu.roi_align import SparseROIAlign, use_sparse_roi_align
 from cbam_hrnet_d2.testing import calibrate_norm_statistics
@@ -24,7 +23,7 @@ from cbam_hrnet_d2.testing import calibrate_norm_statistics
 from .common import CONFIGS, get_config, load_tool
 
 H, W = 160, 224
-SWITCHES = ("CHANNELS_LAST", "FOLD_BN", "SPARSE_ROI_ALIGN", "BF16_HEADS")
+SWITCHES = ("CHANNELS_LAST", "SPARSE_ROI_ALIGN", "BF16_HEADS")
 ALL_OFF = [x for key in SWITCHES for x in (f"MODEL.CBAM_HRNET.CPU.{key}", False)]
 
 
@@ -53,9 +52,9 @@ def fixed_work(model):
     return load_tool("benchmark").FixedWork(model, H, W, 200, 20)
 
 
-# float32 rounding of folded vs unfolded BatchNorm and of the kernels each memory layout picks,
+# float32 rounding of the kernels each memory layout picks,
 # through ~100 layers of a random network: measured 1.2e-4 (relative to the largest output) on an
-# AVX2-only CPU, under 1e-4 on an AVX512 one; a wrong fold or layout is off by O(1)
+# AVX2-only CPU, under 1e-4 on an AVX512 one; a wrong layout is off by O(1)
 def assert_close(test, a, b, tol=5e-4):
     scale = a.abs().max().clamp(min=1.0)
     test.assertLessEqual(((a - b).abs().max() / scale).item(), tol)
@@ -66,32 +65,9 @@ def layer_state(model):
     bottom_up = model.backbone.bottom_up
     return {
         "channels_last": bottom_up.cpu_channels_last,
-        "fold_bn": bottom_up.cpu_fold_bn,
         "sparse_roi_align": any(isinstance(m, SparseROIAlign) for m in model.modules()),
         "bf16_heads": model.roi_heads.bf16_heads and model.proposal_generator.bf16_heads,
     }
-
-
-class _BatchNormCalls:
-    """Counts calls of the BatchNorms of ``module`` (folded ones are skipped)."""
-
-    def __init__(self, module):
-        self.calls = 0
-        self.handles = [
-            m.register_forward_hook(self.count)
-            for m in module.modules()
-            if "BatchNorm" in type(m).__name__
-        ]
-
-    def count(self, *args):
-        self.calls += 1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
 
 
 class TestSpeedUpsAreDecidedPerCall(unittest.TestCase):
@@ -99,18 +75,16 @@ class TestSpeedUpsAreDecidedPerCall(unittest.TestCase):
         self.assertIs(type(build_model(get_config())), GeneralizedRCNN)
 
     def test_a_model_built_for_cuda_runs_the_cpu_speedups_on_cpu_tensors(self):
-        # a CUDA config's model, moved to the CPU: it runs what the CPU should (folded, NHWC)
+        # a CUDA config's model, moved to the CPU: it runs what the CPU should (NHWC)
         plain, fast = build_pair(device="cuda")
         state = layer_state(fast)
-        self.assertTrue(state["fold_bn"] and state["channels_last"] and state["sparse_roi_align"])
+        self.assertTrue(state["channels_last"] and state["sparse_roi_align"])
         x = torch.rand(1, 3, H, W) * 2 - 1
-        with torch.no_grad(), _BatchNormCalls(fast.backbone) as bn:
+        with torch.no_grad():
             out = fast.backbone(x)
-        self.assertEqual(bn.calls, 0)  # every BatchNorm folded
         self.assertTrue(out["p2"].is_contiguous(memory_format=torch.channels_last))
-        with torch.no_grad(), _BatchNormCalls(plain.backbone) as bn:
+        with torch.no_grad():
             ref = plain.backbone(x)
-        self.assertGreater(bn.calls, 100)
         self.assertFalse(ref["p2"].is_contiguous(memory_format=torch.channels_last))
         for name in ref:
             assert_close(self, ref[name], out[name])
@@ -125,7 +99,7 @@ class TestSpeedUpsAreDecidedPerCall(unittest.TestCase):
                 model = instantiate(cfg.model)
                 self.assertIs(type(model), GeneralizedRCNN)
                 state = layer_state(model)
-                self.assertTrue(state["sparse_roi_align"] and state["fold_bn"], state)
+                self.assertTrue(state["sparse_roi_align"], state)
                 self.assertTrue(state["channels_last"], state)
 
     def test_each_switch_turns_its_speedup_off_alone(self):
@@ -245,10 +219,6 @@ class TestSpeedOptionsKeepResults(unittest.TestCase):
         assert_close(self, sa, sb)
         assert_close(self, ma, mb)
         assert_close(self, da, db)
-        # the folded trunk was really used: no BatchNorm ran
-        with torch.no_grad(), _BatchNormCalls(self.fast.backbone) as bn:
-            self.fast.backbone(self.x)
-        self.assertEqual(bn.calls, 0)
 
     def test_predictions_equal_the_plain_model(self):
         g = torch.Generator().manual_seed(3)
@@ -270,21 +240,6 @@ class TestSpeedOptionsKeepResults(unittest.TestCase):
             nearest = dist.masked_fill(~same, float("inf")).min(1).values
             self.assertGreaterEqual((nearest <= 1e-2 * max(H, W)).float().mean().item(), 0.95)
 
-    def test_folded_trunk_follows_new_weights(self):
-        plain, fast = build_pair()
-        with torch.no_grad():
-            fast.backbone(self.x)  # builds the folded trunk's structure
-            state = fast.state_dict()
-            for k in state:
-                if k.endswith("running_var") or k.endswith("conv2.weight"):
-                    state[k] = state[k] * 1.5
-            fast.load_state_dict(state)
-            plain.load_state_dict(state)
-            pa, pb = plain.backbone(self.x), fast.backbone(self.x)
-        for name in pa:
-            self.assertTrue(torch.isfinite(pa[name]).all())
-            assert_close(self, pa[name], pb[name])
-
     def test_autograd_in_eval_mode_uses_the_trainable_trunk(self):
         _, fast = build_pair()
         out = fast.backbone(self.x)
@@ -292,14 +247,6 @@ class TestSpeedOptionsKeepResults(unittest.TestCase):
         trainable = [p for p in fast.backbone.bottom_up.trunk.parameters() if p.requires_grad]
         self.assertTrue(trainable)
         self.assertTrue(all(p.grad is not None for p in trainable))
-
-    def test_eval_outputs_do_not_depend_on_grad_mode(self):
-        _, fast = build_pair()
-        with torch.no_grad():
-            a = fast.backbone(self.x)
-        b = fast.backbone(self.x)
-        for name in a:
-            self.assertTrue(torch.equal(a[name], b[name].detach()), name)
 
     def test_training_mode_outputs_equal_the_plain_model(self):
         # against the plain model evaluated in float64: two float32 runs of this random-init net
@@ -390,59 +337,6 @@ class TestBf16Heads(unittest.TestCase):
 
         self.assertEqual(heads_dtype("auto"), torch.bfloat16 if native_bf16("cpu") else None)
         self.assertEqual(heads_dtype("bf16"), torch.bfloat16)
-
-
-class TestFoldBatchnorm(unittest.TestCase):
-    def test_counts_and_equality_on_a_conv_bn_pair(self):
-        torch.manual_seed(0)
-        m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
-        (
-            m[1].running_mean.uniform_(-1, 1),
-            m[1].running_var.uniform_(0.5, 2),
-            m[1].weight.data.uniform_(0.5, 2),
-        )
-        m.eval()
-        self.assertEqual(conv_bn_pairs(m), [("0", "1")])
-        fold = FoldedTrunk()
-        x = torch.randn(2, 3, 9, 9)
-        with torch.no_grad():
-            assert_close(self, m(x), fold(m, x), 1e-5)
-        self.assertIsInstance(fold.view[1], torch.nn.Identity)
-
-    def test_gn_trunk_is_left_alone(self):
-        plain, fast = build_pair(["MODEL.CBAM_HRNET.NORM", "GN"])
-        x = torch.rand(1, 3, H, W)
-        with torch.no_grad():
-            pa, pb = plain.backbone(x), fast.backbone(x)
-        self.assertEqual(conv_bn_pairs(fast.backbone.bottom_up.trunk), [])
-        for name in pa:
-            assert_close(self, pa[name], pb[name])
-
-    def test_a_bn_not_known_to_follow_its_conv_is_not_folded(self):
-        class Misordered(torch.nn.Module):
-            """conv_b is registered right before bn_a, but bn_a follows conv_a in forward."""
-
-            def __init__(self):
-                super().__init__()
-                self.conv_a = torch.nn.Conv2d(3, 4, 3, padding=1)
-                self.conv_b = torch.nn.Conv2d(4, 4, 3, padding=1)
-                self.bn_a = torch.nn.BatchNorm2d(4)
-
-            def forward(self, x):
-                return [self.conv_b(self.bn_a(self.conv_a(x)))]
-
-        torch.manual_seed(0)
-        m = Misordered().eval()
-        m.bn_a.running_mean.uniform_(-1, 1), m.bn_a.running_var.uniform_(0.5, 2)
-        self.assertEqual(conv_bn_pairs(m), [])
-        x = torch.randn(1, 3, 8, 8)
-        with torch.no_grad():
-            self.assertTrue(torch.equal(FoldedTrunk()(m, x)[0], m(x)[0]))
-
-    def test_every_batchnorm_of_the_hrnet_trunk_is_folded(self):
-        trunk = build_pair()[1].backbone.bottom_up.trunk
-        bns = [n for n, m in trunk.named_modules() if "BatchNorm" in type(m).__name__]
-        self.assertEqual(sorted(bn for _, bn in conv_bn_pairs(trunk)), sorted(bns))
 
 
 class TestHeapAllocations(unittest.TestCase):

@@ -65,7 +65,6 @@ from cbam_hrnet_d2.benchmark import (
 )
 from cbam_hrnet_d2.cpu import cpu_speedups
 from cbam_hrnet_d2.cpu.bf16_heads import bf16_heads as run_heads_in_bf16
-from cbam_hrnet_d2.cpu.fold_bn import batchnorm_unfolded
 from cbam_hrnet_d2.cpu.process import keep_large_allocations_in_heap
 from cbam_hrnet_d2.device import native_bf16
 from cbam_hrnet_d2.export import RUNTIMES, export, load_exported
@@ -184,12 +183,10 @@ def prepare_inference(
         count = FlopCountAnalysis(module, inputs).unsupported_ops_warnings(False)
         return count.uncalled_modules_warnings(False).total() / 1e9
 
-    # the architecture's count: BatchNorms unfolded (FOLD_BN's view is no submodule,
-    # which fvcore's per-module bookkeeping cannot follow), float32 (FlopCountAnalysis traces)
-    with batchnorm_unfolded(model):
-        row["backbone_fpn_GMAC"] = gmac(model.backbone, x)
-        row["trunk_GMAC"] = gmac(trunk, x)
-        row["model_GMAC"] = gmac(whole, x)
+    # the architecture's count, float32 (FlopCountAnalysis traces)
+    row["backbone_fpn_GMAC"] = gmac(model.backbone, x)
+    row["trunk_GMAC"] = gmac(trunk, x)
+    row["model_GMAC"] = gmac(whole, x)
 
     def run_trunk():  # in the precision the backbone runs it
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):

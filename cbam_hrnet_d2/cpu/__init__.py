@@ -1,14 +1,13 @@
 """The CPU speed-ups: what makes a model and its process faster on a CPU. This project's model takes
 them where they act, each decided per call from the device of the tensors it gets: the backbone
-(:class:`~cbam_hrnet_d2.modeling.backbone.CBAMHRNet`: channels-last, BatchNorm folding in eval; the
-FPN's precision), the RPN and RoI heads (:mod:`cbam_hrnet_d2.modeling.heads`: sparse RoIAlign, bf16
-heads), switched by ``MODEL.CBAM_HRNET.CPU.*``. A model built on the CPU and moved to CUDA runs
-detectron2's CUDA path, and the other way round.
+(:class:`~cbam_hrnet_d2.modeling.backbone.CBAMHRNet`: channels-last; the FPN's precision), the
+RPN and RoI heads (:mod:`cbam_hrnet_d2.modeling.heads`: sparse RoIAlign, bf16 heads), switched by
+``MODEL.CBAM_HRNET.CPU.*``. A model built on the CPU and moved to CUDA runs detectron2's CUDA path,
+and the other way round.
 
 * :func:`cpu_speedups`: the same treatment for any other detectron2 model (the benchmark's
   ``R50+cpu_speedups`` rows): ``channels_last`` (conv weights NHWC), ``sparse_roi_align``
-  (:mod:`.roi_align`), ``bf16_heads`` (:mod:`.bf16_heads`). BatchNorm folding (:mod:`.fold_bn`)
-  needs the trunk's structure and is this backbone's own.
+  (:mod:`.roi_align`), ``bf16_heads`` (:mod:`.bf16_heads`).
 * :mod:`.process`: threads per process, glibc keeping large blocks in its heap, DDP over gloo.
 """
 

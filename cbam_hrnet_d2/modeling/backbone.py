@@ -10,7 +10,6 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from torch import nn
 
-from cbam_hrnet_d2.cpu.fold_bn import FoldedTrunk
 from cbam_hrnet_d2.device import is_exporting, trunk_norm, warn_if_emulated_bf16
 from cbam_hrnet_d2.modeling.cbam import CBAM
 from cbam_hrnet_d2.modeling.hrnet import (
@@ -61,7 +60,6 @@ class CBAMHRNet(Backbone):
         freeze_at: int = 0,
         activation_checkpointing: bool = False,
         cpu_channels_last: bool = True,
-        cpu_fold_bn: bool = True,
     ):
         """
         Args:
@@ -78,9 +76,6 @@ class CBAMHRNet(Backbone):
             cpu_channels_last (bool): on a CPU input, run the trunk channels-last (NHWC, oneDNN's
                 fast layout; the FPN and heads follow it). Decided per call from the input's
                 device, so a model moved with ``.to()`` runs what its new device should.
-            cpu_fold_bn (bool): on a CPU input in eval mode, run the trunk with its BatchNorms
-                folded into the convs (:class:`~cbam_hrnet_d2.cpu.fold_bn.FoldedTrunk`, from the
-                live weights in every call). Per call, as ``cpu_channels_last``.
         """
         super().__init__()
         _check_trunk_args(width, norm, cbam_branches, freeze_at)
@@ -99,9 +94,6 @@ class CBAMHRNet(Backbone):
         )
         self.freeze(freeze_at)
         self.cpu_channels_last = cpu_channels_last
-        self.cpu_fold_bn = cpu_fold_bn
-        # runs the trunk with folded BatchNorms; not a submodule: no part of the state_dict
-        self._folded_trunk = FoldedTrunk()
         if activation_checkpointing:
             _, skipped = recompute_hrnet_modules(self.trunk)
             if skipped:
@@ -140,10 +132,7 @@ class CBAMHRNet(Backbone):
         on_cpu = x.device.type == "cpu" and not is_exporting()
         if on_cpu and self.cpu_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if on_cpu and self.cpu_fold_bn and not self.training:
-            features = self._folded_trunk(self.trunk, x, channels_last=self.cpu_channels_last)
-        else:
-            features = self.trunk(x)
+        features = self.trunk(x)
         outputs = {}
         for name, feature in zip(HRNET_FEATURES, features):
             if name in self.cbam:
@@ -266,7 +255,6 @@ def _build_trunk(cfg, input_shape: ShapeSpec, cbam_on_branches: bool) -> CBAMHRN
         freeze_at=freeze_at,
         activation_checkpointing=cfg.MODEL.CBAM_HRNET.ACTIVATION_CHECKPOINTING,
         cpu_channels_last=cfg.MODEL.CBAM_HRNET.CPU.CHANNELS_LAST,
-        cpu_fold_bn=cfg.MODEL.CBAM_HRNET.CPU.FOLD_BN,
     )
     if pretrained and cfg.MODEL.WEIGHTS:
         logger.info(

@@ -48,7 +48,6 @@ model.backbone = L(hrnet_fpn)(
         cbam_kernel_size=7,
         freeze_at=2,
         cpu_channels_last=True,  # the backbone's CPU speed-ups, per call (MODEL.CBAM_HRNET.CPU)
-        cpu_fold_bn=True,
     ),
     cbam_on_outputs=False,
     in_features=list(HRNET_FEATURES),
