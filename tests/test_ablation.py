@@ -146,14 +146,14 @@ class TestPairedReading(unittest.TestCase):
         self.assertIn("val bbox -2.0 [", line)  # (-1, -3), not (-1, -3, -4)
         self.assertIn("seed(s) 3 left out: the two runs were trained on different CPUs", line)
         self.assertEqual(ablation.cpu_of({"machine": amx}), amx.split(", torch")[0])
-        # records of 2026-12-02 wrote the machine by hand: "CPU, code X; note"
+        # the oldest records wrote the machine by hand: "CPU, code X; note"
         hand = "2-core AMD EPYC with AVX512-BF16, code d9a71d2; the first ~10 minutes shared"
         self.assertEqual(ablation.cpu_of({"machine": hand}), "2-core AMD EPYC with AVX512-BF16")
 
     def test_budgets_of_the_same_recipe_pool_their_pairs(self):
         with tempfile.TemporaryDirectory() as d:
             runs = os.path.join(d, "runs")
-            for seed, cbam, plain in ((42, 70, 71), (1, 69, 72)):  # 2026-12-02, budget full
+            for seed, cbam, plain in ((42, 70, 71), (1, 69, 72)):  # budget full
                 write_record(runs, "cbam_branches", seed, cbam, 30)
                 write_record(runs, "no_cbam", seed, plain, 30)
             for seed, cbam, plain in ((42, 66, 70), (2, 67, 72)):  # another day, its own budget

@@ -1,4 +1,4 @@
-"""Training options of issue 17's quickstart work: INPUT.HARD_AUG (each corruption keeps boxes and
+"""Training options of the quickstart recipe: INPUT.HARD_AUG (each corruption keeps boxes and
 masks right: occlusion removes the painted pixels from the masks, the stretch moves boxes with the
 masks, photometric ones change pixels only; START_ITER holds them back to an iteration, also after a
 resume without replay), MODEL.ROI_MASK_HEAD.POSITIVES_PER_IMAGE (the mask head

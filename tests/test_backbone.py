@@ -192,7 +192,7 @@ class TestActivationCheckpointing(unittest.TestCase):
         self.assertIn("MODEL.CBAM_HRNET.NORM FrozenBN or GN", "\n".join(logs.output))
 
     def test_batchnorm_modules_are_left_unchanged_by_the_library_function_too(self):
-        # one policy (issue 16): recompute_hrnet_modules skips what the config path skips
+        # one policy: recompute_hrnet_modules skips what the config path skips
         from cbam_hrnet_d2.modeling.hrnet import (
             _RecomputedHRModule,
             build_hrnet_trunk,

@@ -1,4 +1,4 @@
-"""Every door of detectron2 builds the same model (issue 34): on the CPU, ``build_model``,
+"""Every door of detectron2 builds the same model: on the CPU, ``build_model``,
 ``DefaultPredictor``, the trainer's ``build_model`` and a LazyConfig's ``instantiate(cfg.model)``
 return the registered meta-architecture with the CPU speed layer, and with the same weights give
 the same detections."""

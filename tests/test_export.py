@@ -30,7 +30,7 @@ from .test_training import CONFIG, run_train_net
 # Exported and eager models compute the same functions with other kernels (torchvision's RoIAlign
 # instead of the sparse one, GroupNorm written for export, ONNX Runtime's convolutions), so in other
 # summation orders: float32 rounding, amplified where GroupNorm divides by a near-zero variance (the
-# uniform gray image) and through exp() of the box deltas. Measured (2026-11-25, this test's model,
+# uniform gray image) and through exp() of the box deltas. Measured (this test's model,
 # classifier x10): boxes within 8e-3 px, scores 1.7e-3, mask probabilities 2.9e-5; elsewhere 1e-4.
 BOX_TOL, SCORE_TOL, MASK_TOL = 5e-2, 5e-3, 1e-3
 

@@ -1,4 +1,4 @@
-"""Detectron2's LazyConfig front door (issue 19): the lazy configs build the same networks as the
+"""Detectron2's LazyConfig front door: the lazy configs build the same networks as the
 YAML ones, checkpoints load across, lazy_train_net.py trains and evaluates, the demo takes them, bad
 overrides are named."""
 

@@ -66,8 +66,8 @@ class TestPrecision(unittest.TestCase):
 
     def test_bf16_stem_and_stage1_within_bfloat16_rounding(self):
         # bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); stem + stage 1 are 14
-        # convs: measured 2.2% relative L2 error (1.9% with the trunk's BatchNorm folded; AMD EPYC
-        # with AVX512-BF16, 2026-12-02), tolerance 4%; a wrong cast is off by O(1). The whole
+        # convs: measured 2.2% relative L2 error on a CPU with AVX512-BF16, tolerance 4%; a wrong
+        # cast is off by O(1). The whole
         # random-init network amplifies rounding (20-45% at its outputs, a property of random
         # weights, not of bf16): the accuracy of bf16 is measured on a trained model
         # (docs/notes/precision-runs.md: shapes_val AP).

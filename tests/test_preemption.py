@@ -1,4 +1,4 @@
-"""Preemption and failed checkpoint writes (issue 15): SIGTERM / SIGINT to a real train_net.py
+"""Preemption and failed checkpoint writes: SIGTERM / SIGINT to a real train_net.py
 (one process and two) stops after the current step with a checkpoint and a resume line, and
 ``--resume`` continues exactly; a checkpoint write that fails (full disk, permission, I/O error)
 leaves the previous checkpoint, ``last_checkpoint`` and no temporary file."""

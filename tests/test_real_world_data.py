@@ -1,4 +1,4 @@
-"""COCO files as labelling tools export them, and bad files met during a run (issue 15): no "info",
+"""COCO files as labelling tools export them, and bad files met during a run: no "info",
 RLE masks (compressed and uncompressed), crowd regions, category ids with gaps, images without
 annotations, file names with sub-folders; truncated / zero-byte images; a json that is not JSON
 through the library path; the dataset check."""

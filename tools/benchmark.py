@@ -333,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     h, w = args.size
     peak = matmul_peak_gmacs()
     bf16_native = native_bf16("cpu")
-    # emulated bf16: a 4096x4096 product would take minutes; 512 reads the same rate (2026-12-01)
+    # emulated bf16: a 4096x4096 product would take minutes; 512 reads the same rate
     bf16_n = 4096 if bf16_native else 512
     peak_bf16 = matmul_peak_gmacs(n=bf16_n, iters=6 if bf16_native else 2, dtype=torch.bfloat16)
     logger.info(

@@ -87,7 +87,7 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
             "The checkpoint holds a CUDA RNG state but this process has no GPU: it is not restored"
         )
     elif cuda is not None:
-        if isinstance(cuda, (list, tuple)):  # checkpoints of before 2026-12-02: every GPU's
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every GPU's
             cuda = cuda[torch.cuda.current_device()]
         torch.cuda.set_rng_state(cuda)
 
