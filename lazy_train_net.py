@@ -69,7 +69,6 @@ def do_train(args, cfg):
     )
     logger.info("Trainer: %s", type(trainer).__name__)
     checkpointer = SafeCheckpointer(model, cfg.train.output_dir, trainer=trainer)
-    trainer.checkpointer = checkpointer  # the Preemption hook saves through it
     # CBAM_HRNET.EMA of the YAML configs (enabled, decay, period); their defaults where it is silent
     ema = {k.lower(): v for k, v in default_config().CBAM_HRNET.EMA.items()}
     ema.update(cfg.train.get("model_ema", {}))

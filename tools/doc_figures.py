@@ -203,6 +203,30 @@ def blocks() -> Dict[str, str]:
         + "\n"
     )
 
+    # the recipe's training minutes by CPU kind: runs alone on the machine (a shared run's AP
+    # counts, its minutes do not)
+    minutes: Dict[str, List[float]] = {}
+    for row in ("cbam_branches", "no_cbam"):
+        for r in _load("results_quickstart_pooled.json")[row]["seeds"].values():
+            if threads(r) == 2 and not r.get("shared_cpu") and r.get("train_min"):
+                minutes.setdefault(cpu(r), []).append(r["train_min"])
+    kinds = sorted(minutes, key=lambda k: statistics.median(minutes[k]))
+    quickstart_minutes = (
+        "Training the quickstart model takes "
+        + "; ".join(f"{statistics.median(minutes[k]):.0f} min on a {k}" for k in kinds)
+        + " (median of the recipe's runs alone on the machine). "
+    )
+    suites = sorted(glob.glob(os.path.join(ROOT, "docs", "notes", "records", "make_test_*.json")))
+    test_minutes = "`make test`'s time: not recorded yet.\n"
+    if suites:
+        with open(suites[-1]) as f:
+            suite = json.load(f)
+        test_minutes = (
+            f"`make test` ran {suite['passed']} tests ({suite['skipped']} skipped) in "
+            f"{suite['seconds'] / 60:.0f} min on a {suite['cpu']} ({suite['date']}).\n"
+        )
+    out["minutes"] = quickstart_minutes + test_minutes
+
     run = pooled["full:42"]  # make quickstart's own seed, its full recipe
     machine = cpu(run)
     out["model-table"] = (

@@ -34,8 +34,12 @@ class PreciseBN(hooks.PreciseBN):
     iteration gates such as ``INPUT.HARD_AUG.START_ITER`` give the statistics the images training
     sees then, not those of iteration 0."""
 
+    def __init__(self, period, model, data_loader: ResumableLoader, num_iter=200):
+        super().__init__(period, model, data_loader, num_iter)
+        self.loader = data_loader  # ours to move; detectron2's hook reads its own copy
+
     def update_stats(self):
-        self._data_loader.begin_at(self.trainer.iter)
+        self.loader.begin_at(self.trainer.iter)
         super().update_stats()
 
 
@@ -144,7 +148,7 @@ def build_training_hooks(
        the same iteration).
     """
     main = comm.is_main_process()
-    preemption = Preemption()
+    preemption = Preemption(checkpointer)
     ema = ModelEMA(ema_decay, ema_period) if ema_decay is not None else None
     if ema is not None:
         eval_function = ema.evaluating(eval_function)

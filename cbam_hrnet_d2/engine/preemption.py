@@ -70,7 +70,14 @@ class Preemption(HookBase):
     processes on the current iteration (:meth:`stop_requested`, which
     :class:`~cbam_hrnet_d2.engine.resume.ExactResume` asks too)."""
 
-    def __init__(self):
+    def __init__(self, checkpointer=None):
+        """
+        Args:
+            checkpointer: the run's checkpointer (detectron2's ``Checkpointer`` interface: ``save``,
+                ``save_dir``, ``has_checkpoint``, ``get_checkpoint_file``): the stop checkpoint is
+                written through it. None: only agreeing to stop is used (tests of that part).
+        """
+        self.checkpointer = checkpointer
         self._previous: Dict[int, object] = {}
         self._message: Optional[str] = None
         self.received: Optional[int] = None  # the first stop signal received during training
@@ -117,7 +124,7 @@ class Preemption(HookBase):
         if not self.stop_requested():
             return
         it = self.trainer.iter
-        checkpointer = self.trainer.checkpointer
+        checkpointer = self.checkpointer
         name = f"model_{it:07d}"
         path = os.path.join(checkpointer.save_dir, f"{name}.pth")
         if comm.is_main_process():
