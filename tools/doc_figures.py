@@ -241,7 +241,7 @@ def blocks() -> Dict[str, str]:
     )
 
     doors = sorted(
-        glob.glob(os.path.join(ROOT, "docs", "notes", "records", "benchmark_doors_*.json"))
+        glob.glob(os.path.join(ROOT, "docs", "notes", "records", "benchmark_doors_20*.json"))
     )
     if doors:
         with open(doors[-1]) as f:
@@ -251,8 +251,8 @@ def blocks() -> Dict[str, str]:
         secs = [r["model_s"] for r in ours.values()]
         date = os.path.basename(doors[-1])[len("benchmark_doors_") : -len(".json")]
         out["speed"] = (
-            f"On a 2-core CPU with native bf16 the default model runs **{min(speed):.1f}–"
-            f"{max(speed):.1f}x** Detectron2's R50-FPN as shipped at 800x1216, through each of "
+            f"On a 2-core CPU with native bf16 the default model runs **{min(speed):.2f}–"
+            f"{max(speed):.2f}x** Detectron2's R50-FPN as shipped at 800x1216, through each of "
             f"`build_model`, `DefaultPredictor`, the trainer and LazyConfig ({min(secs):.2f}–"
             f"{max(secs):.2f} s/image; `tools/benchmark.py --doors`, "
             f"[record](docs/notes/records/benchmark_doors_{date}.md), {date}).\n"
