@@ -17,15 +17,14 @@ ap_tables.md, stops on SIGTERM/SIGINT with a checkpoint, and resumes exactly wit
 
 import logging
 
-import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from cbam_hrnet_d2.checkpoint import SafeCheckpointer
-from cbam_hrnet_d2.config import default_config
+from cbam_hrnet_d2.config import default_config, load_lazy_config
 from cbam_hrnet_d2.cpu.process import set_cpu_threads
 from cbam_hrnet_d2.engine import launch_run
 from cbam_hrnet_d2.engine.amp import trainer_class
@@ -97,10 +96,7 @@ def do_train(args, cfg):
 
 def load(args):
     """The LazyConfig with ``args.opts`` applied; without CUDA, ``train.device`` is "cpu"."""
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    if not torch.cuda.is_available():
-        cfg.train.device = "cpu"
-    return cfg
+    return load_lazy_config(args.config_file, args.opts)
 
 
 def main(args):

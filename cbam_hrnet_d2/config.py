@@ -7,14 +7,16 @@ import os
 from typing import Sequence
 
 import detectron2
-import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import LazyConfig, get_cfg
+
+from cbam_hrnet_d2.device import run_device
 
 __all__ = [
     "add_cbam_hrnet_config",
     "default_config",
     "load_config",
+    "load_lazy_config",
     "detectron2_config_file",
     "detectron2_config",
     "warn_if_frozen_norms_start_random",
@@ -160,8 +162,15 @@ def load_config(config_file: str, opts: Sequence[str] = ()):
     cfg = default_config()
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE = run_device(cfg.MODEL.DEVICE)
+    return cfg
+
+
+def load_lazy_config(config_file: str, overrides: Sequence[str] = ()):
+    """A LazyConfig file with ``key=value`` ``overrides`` applied; ``train.device`` as
+    :func:`~cbam_hrnet_d2.device.run_device` decides."""
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(overrides))
+    cfg.train.device = run_device(cfg.train.device)
     return cfg
 
 

@@ -26,6 +26,7 @@ from typing import List, Optional
 import torch
 
 __all__ = [
+    "run_device",
     "is_cpu",
     "native_bf16",
     "warn_if_emulated_bf16",
@@ -41,6 +42,12 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def run_device(requested: str) -> str:
+    """The device a run takes for ``MODEL.DEVICE`` / ``train.device`` = ``requested``: "cpu" where
+    CUDA is not available (the one place of this rule: YAML and LazyConfig loading, the demo)."""
+    return requested if torch.cuda.is_available() else "cpu"
 
 
 def is_cpu(device) -> bool:

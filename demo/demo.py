@@ -15,15 +15,13 @@ from typing import List, Tuple
 
 import cv2
 import numpy as np
-import torch
 import tqdm
-from detectron2.config import LazyConfig
 from detectron2.utils.logger import setup_logger
 from PIL import Image, ImageOps
 from predictor import VisualizationDemo
 
 import cbam_hrnet_d2.data  # noqa: F401  (registers shapes_* metadata: class names)
-from cbam_hrnet_d2.config import load_config
+from cbam_hrnet_d2.config import load_config, load_lazy_config
 from cbam_hrnet_d2.utils.files import atomic_write
 
 WINDOW_NAME = "CBAM-HRNet detections"
@@ -32,10 +30,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 def setup_cfg(args):
     if args.config_file.endswith(".py"):  # a LazyConfig; --opts as key=value
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+        cfg = load_lazy_config(args.config_file, args.opts)
         cfg.model.roi_heads.box_predictor.test_score_thresh = args.confidence_threshold
-        if not torch.cuda.is_available():
-            cfg.train.device = "cpu"
         return cfg
     cfg = load_config(args.config_file, args.opts)  # add_cbam_hrnet_config before the YAML
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold

@@ -29,6 +29,7 @@ from detectron2.utils.logger import setup_logger
 from torch.multiprocessing import ProcessExitedException
 
 from cbam_hrnet_d2.device import hide_gpus as must_hide_gpus
+from cbam_hrnet_d2.device import is_cpu
 from cbam_hrnet_d2.engine.lock import DEFAULT_LEASE_S, OutputDirBusy, claim_output_dir
 from cbam_hrnet_d2.engine.preemption import STOP_SIGNALS
 from cbam_hrnet_d2.engine.scheduler import ranks_from_environment, run_as_rank
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 def check_num_gpus(num_gpus_per_machine: int, device: str) -> None:
     """ValueError naming ``--num-gpus`` when a CUDA run asks for more GPUs than are visible."""
-    if not str(device).startswith("cuda"):
+    if is_cpu(device):
         return
     visible = torch.cuda.device_count()
     if num_gpus_per_machine > visible:

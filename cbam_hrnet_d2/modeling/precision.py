@@ -20,7 +20,7 @@ from typing import Dict
 
 import torch
 
-from cbam_hrnet_d2.device import is_exporting, native_bf16
+from cbam_hrnet_d2.device import is_cpu, is_exporting, native_bf16
 
 __all__ = [
     "PRECISIONS",
@@ -42,7 +42,7 @@ def check_precision(precision: str, device: str, key: str = "TEST.PRECISION") ->
         raise ValueError(
             f"{key} = {precision!r} is not supported; allowed values: {list(PRECISIONS)}"
         )
-    if precision == "fp16" and not str(device).startswith("cuda"):
+    if precision == "fp16" and is_cpu(device):
         raise ValueError(
             f"{key} = 'fp16' needs CUDA (MODEL.DEVICE is {device!r}); on the CPU use 'bf16', "
             "'fp32' or 'auto'"
