@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import unittest
+from unittest import mock
 
 import pytest
 import torch
@@ -79,15 +80,8 @@ class TestRanksFromTheEnvironment(unittest.TestCase):
             ranks_from_environment(env)
 
     def test_nodelists_expand_without_scontrol(self):
-        env = dict(os.environ, PATH="/nonexistent")
-        old = os.environ.copy()
-        try:
-            os.environ.clear()
-            os.environ.update(env)
+        with mock.patch.dict(os.environ, {"PATH": "/nonexistent"}):  # no scontrol
             hosts = expand_slurm_nodelist("gpu[01-03,07],cpu5")
-        finally:
-            os.environ.clear()
-            os.environ.update(old)
         self.assertEqual(hosts, ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"])
 
 
@@ -121,7 +115,7 @@ class TestClusterRuns(TrainingTestCase):
             cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
         )
 
-    def train_args(self, out):
+    def train_args(self):
         return [os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, *self.opts]
 
     def assert_ranks_and_weights(self, proc, out, source):
@@ -136,7 +130,7 @@ class TestClusterRuns(TrainingTestCase):
     def test_torchrun_runs_train_net_as_it_is(self):
         out = os.path.join(self.work.name, "torchrun")
         torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-        cmd = [torchrun, "--standalone", "--nproc-per-node=2", *self.train_args(out)]
+        cmd = [torchrun, "--standalone", "--nproc-per-node=2", *self.train_args()]
         self.assert_ranks_and_weights(self.run_cmd(cmd + ["OUTPUT_DIR", out]), out, "torchrun")
 
     def test_srun_runs_train_net_as_it_is(self):
@@ -144,7 +138,7 @@ class TestClusterRuns(TrainingTestCase):
         if why:
             self.skipTest(why)
         out = os.path.join(self.work.name, "srun")
-        cmd = ["srun", "--ntasks=2", "--cpus-per-task=1", sys.executable, *self.train_args(out)]
+        cmd = ["srun", "--ntasks=2", "--cpus-per-task=1", sys.executable, *self.train_args()]
         self.assert_ranks_and_weights(self.run_cmd(cmd + ["OUTPUT_DIR", out]), out, "SLURM")
 
     def test_a_warned_sbatch_job_requeues_itself_and_resumes_exactly(self):
@@ -154,7 +148,7 @@ class TestClusterRuns(TrainingTestCase):
         out = os.path.join(self.work.name, "requeued")
         os.makedirs(out)
         slurm_log = os.path.join(out, "slurm.out")
-        train = self.train_args(out)
+        train = self.train_args()
         args = shlex.join([sys.executable, train[0], "--resume", *train[1:]])
         script = os.path.join(out, "job.sh")
         with open(script, "w") as f:  # docs/cluster.md's script, on 2 CPU tasks

@@ -131,7 +131,8 @@ def _load(name: str) -> dict:
 def blocks() -> Dict[str, str]:
     """{block name: its markdown}, from the records."""
     five = _load("results_quickstart.json")
-    pooled = _load("results_quickstart_pooled.json")["cbam_branches"]["seeds"]
+    pooled_rows = _load("results_quickstart_pooled.json")
+    pooled = pooled_rows["cbam_branches"]["seeds"]
     out = {}
 
     ap = [r["val"]["bbox_AP"] for r in pooled.values()]
@@ -207,7 +208,7 @@ def blocks() -> Dict[str, str]:
     # counts, its minutes do not)
     minutes: Dict[str, List[float]] = {}
     for row in ("cbam_branches", "no_cbam"):
-        for r in _load("results_quickstart_pooled.json")[row]["seeds"].values():
+        for r in pooled_rows[row]["seeds"].values():
             if threads(r) == 2 and not r.get("shared_cpu") and r.get("train_min"):
                 minutes.setdefault(cpu(r), []).append(r["train_min"])
     kinds = sorted(minutes, key=lambda k: statistics.median(minutes[k]))

@@ -119,18 +119,20 @@ def launch_run(
     rank of a run, run it as that rank (:mod:`.scheduler`)."""
     ranks = ranks_from_environment()
     if ranks is not None:
-        given = {"--num-gpus": args.num_gpus, "--num-machines": args.num_machines}
-        ignored = [f"{flag} {value}" for flag, value in given.items() if value > 1]
-        if ignored or args.machine_rank:
+        given = (
+            ("--num-gpus", args.num_gpus, args.num_gpus > 1),
+            ("--num-machines", args.num_machines, args.num_machines > 1),
+            ("--machine-rank", args.machine_rank, args.machine_rank != 0),
+        )
+        ignored = [f"{flag} {value}" for flag, value, set_by_user in given if set_by_user]
+        if ignored:
             logger.warning(
                 "%s started this process as rank %d of %d: %s ignored (the scheduler's layout "
                 "is used)",
                 ranks.source,
                 ranks.rank,
                 ranks.world_size,
-                ", ".join(
-                    ignored + [f"--machine-rank {args.machine_rank}"] * bool(args.machine_rank)
-                ),
+                ", ".join(ignored),
             )
     first = ranks.rank == 0 if ranks is not None else args.machine_rank == 0
     claim = (

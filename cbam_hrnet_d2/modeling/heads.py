@@ -23,7 +23,7 @@ from detectron2.modeling.roi_heads import select_foreground_proposals
 
 from cbam_hrnet_d2.cpu.bf16_heads import autocast_on_cpu, heads_dtype
 from cbam_hrnet_d2.cpu.roi_align import use_sparse_roi_align
-from cbam_hrnet_d2.modeling.precision import PRECISIONS
+from cbam_hrnet_d2.modeling.precision import check_precision
 
 __all__ = ["CPUFastRPN", "CPUFastROIHeads"]
 
@@ -33,10 +33,7 @@ logger = logging.getLogger(__name__)
 def _bf16_on_cpu(precision: str, *heads) -> bool:
     """Hook ``heads`` (modules or None) to run in bf16 on CPU inputs where ``precision`` does;
     True where it did."""
-    if precision not in PRECISIONS:
-        raise ValueError(
-            f"TEST.PRECISION = {precision!r} is not supported; allowed values: {list(PRECISIONS)}"
-        )
+    check_precision(precision)  # the value; the backbone checks fp16 against the device
     dtype = heads_dtype(precision)
     if dtype is None:
         return False

@@ -16,7 +16,7 @@ an explicit "bf16" is honoured and :func:`~cbam_hrnet_d2.device.warn_if_emulated
 costs. Which CPU has native bf16 is a device rule (:mod:`cbam_hrnet_d2.device`).
 """
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -36,13 +36,16 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTO_BF16_MIN_PIXELS = 256 * 384
 
 
-def check_precision(precision: str, device: str, key: str = "TEST.PRECISION") -> None:
-    """ValueError naming ``key``, the value and the allowed values."""
+def check_precision(
+    precision: str, device: Optional[str] = None, key: str = "TEST.PRECISION"
+) -> None:
+    """ValueError naming ``key``, the value and the allowed values; with ``device``, also where
+    "fp16" is asked for off CUDA."""
     if precision not in PRECISIONS:
         raise ValueError(
             f"{key} = {precision!r} is not supported; allowed values: {list(PRECISIONS)}"
         )
-    if precision == "fp16" and is_cpu(device):
+    if precision == "fp16" and device is not None and is_cpu(device):
         raise ValueError(
             f"{key} = 'fp16' needs CUDA (MODEL.DEVICE is {device!r}); on the CPU use 'bf16', "
             "'fp32' or 'auto'"
